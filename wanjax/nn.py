@@ -1,0 +1,155 @@
+"""Small NNX building blocks shared by every wanjax model.
+
+Conventions (see docs/DESIGN.md):
+- Every parameter is an ``nnx.Param`` whose ``out_sharding`` metadata holds *logical* axis names
+  (``"embed"``, ``"mlp"``, ``"heads"``, ``"vocab"``, ``"conv_in"``, ``"conv_out"``, ``None``...).
+  ``wanjax.sharding`` maps logical names to mesh axes in one place.
+- Linear kernels are stored ``[in, out]``; conv kernels ``[*spatial, in, out]`` (channels last).
+- ``param_dtype`` is the storage dtype; ``dtype`` the compute dtype. Norm statistics are always
+  computed in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(value: jax.Array, axes: Axes) -> nnx.Param:
+    """An ``nnx.Param`` annotated with logical axis names (one per array dim)."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"logical axes {axes} do not match parameter shape {value.shape}")
+    return nnx.Param(value, out_sharding=tuple(axes))
+
+
+def uniform_fan_in(key, shape, dtype, fan_in: int):
+    """PyTorch's default Linear/Conv init, U(+-1/sqrt(fan_in)); used for weights and biases."""
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ W + b with W stored [in, out]."""
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
+                 axes: Axes = (None, None), use_bias: bool = True,
+                 param_dtype=jnp.float32, zero_init: bool = False):
+        self.in_features, self.out_features = in_features, out_features
+        shape = (in_features, out_features)
+        if zero_init:
+            w = jnp.zeros(shape, param_dtype)
+        else:
+            w = uniform_fan_in(rngs.params(), shape, param_dtype, in_features)
+        self.kernel = param(w, axes)
+        if use_bias:
+            b = jnp.zeros((out_features,), param_dtype) if zero_init else uniform_fan_in(
+                rngs.params(), (out_features,), param_dtype, in_features)
+            self.bias = param(b, (axes[1],))
+        else:
+            self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(dt))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dt)
+        return y
+
+
+def layer_norm(x: jax.Array, eps: float, weight=None, bias=None) -> jax.Array:
+    """LayerNorm with float32 statistics; output in the input dtype."""
+    xf = x.astype(jnp.float32)
+    mu = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float = 1e-6, affine: bool = True,
+                 param_dtype=jnp.float32, axes: Axes = ("norm",)):
+        self.eps = eps
+        if affine:
+            self.weight = param(jnp.ones((dim,), param_dtype), axes)
+            self.bias = param(jnp.zeros((dim,), param_dtype), axes)
+        else:
+            self.weight = self.bias = None
+
+    def __call__(self, x):
+        w = None if self.weight is None else self.weight[...]
+        b = None if self.bias is None else self.bias[...]
+        return layer_norm(x, self.eps, w, b)
+
+
+class RMSNorm(nnx.Module):
+    """w * x / sqrt(mean(x^2) + eps); statistic in float32, cast back before the weight (Wan)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32,
+                 axes: Axes = ("norm",)):
+        self.eps = eps
+        self.weight = param(jnp.ones((dim,), param_dtype), axes)
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
+
+
+def conv_nd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, *,
+            strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
+    """Channels-last N-d convolution with explicit padding (never "SAME")."""
+    nd = kernel.ndim - 2
+    spatial = "DHW"[-nd:] if nd <= 3 else None
+    dn = jax.lax.conv_dimension_numbers(
+        x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+    y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), tuple(strides), tuple(padding),
+                                     dimension_numbers=dn)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+class Conv(nnx.Module):
+    """Channels-last convolution, kernel [*k, in, out], PyTorch-style explicit padding."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: Sequence[int], *, rngs: nnx.Rngs,
+                 strides: Sequence[int] | None = None, padding: Sequence[int] | None = None,
+                 use_bias: bool = True, param_dtype=jnp.float32,
+                 axes: Axes | None = None, zero_init: bool = False):
+        ks = tuple(kernel_size)
+        self.strides = tuple(strides) if strides is not None else (1,) * len(ks)
+        pads = tuple(padding) if padding is not None else (0,) * len(ks)
+        self.padding = tuple((p, p) for p in pads)
+        fan_in = in_ch * math.prod(ks)
+        shape = ks + (in_ch, out_ch)
+        axes = axes if axes is not None else (None,) * len(ks) + ("conv_in", "conv_out")
+        w = jnp.zeros(shape, param_dtype) if zero_init else uniform_fan_in(
+            rngs.params(), shape, param_dtype, fan_in)
+        self.kernel = param(w, axes)
+        if use_bias:
+            b = jnp.zeros((out_ch,), param_dtype) if zero_init else uniform_fan_in(
+                rngs.params(), (out_ch,), param_dtype, fan_in)
+            self.bias = param(b, (axes[-1],))
+        else:
+            self.bias = None
+
+    def __call__(self, x):
+        return conv_nd(x, self.kernel[...], None if self.bias is None else self.bias[...],
+                       strides=self.strides, padding=self.padding)
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
