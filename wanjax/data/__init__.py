@@ -1,0 +1,1 @@
+"""Data: the procedural synthetic pose-driven video world (``wanjax.data.synthetic``)."""

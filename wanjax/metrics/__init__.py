@@ -1,0 +1,2 @@
+"""Metrics: pose following (``wanjax.metrics.pose``) and video quality / temporal
+consistency (``wanjax.metrics.video``)."""
