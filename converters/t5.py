@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="auto", choices=("auto", "tiny", "umt5_xxl"))
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("wanjax.convert").setLevel(logging.INFO)  # our progress only, not Orbax's chatter
 
     import ml_dtypes
 
