@@ -71,8 +71,9 @@ def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mes
         mesh_axis = rules.get(name) if name is not None else None
         names = (mesh_axis,) if isinstance(mesh_axis, str) else tuple(mesh_axis or ())
         names = tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
-        size = math.prod(mesh.shape[a] for a in names) if names else 1
-        if not names or dim % size:
+        while names and dim % math.prod(mesh.shape[a] for a in names):
+            names = names[:-1]  # shard over the longest prefix of mesh axes that divides the dim
+        if not names:
             out.append(None)
             continue
         used.update(names)
