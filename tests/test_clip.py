@@ -152,6 +152,19 @@ def test_config_json_and_stored_blocks(setup):
         np.testing.assert_array_equal(p[f"blocks/attn/{n}/kernel"][1], qkv[j * D:(j + 1) * D].T)
 
 
+def test_vit_h_14_shapes_match_spec():
+    """Full-size tree built abstractly: 257 tokens, 31 stored blocks, 611.1 M used parameters (5.1)."""
+    import math
+
+    cfg = CLIPVisionConfig.vit_h_14()
+    assert (cfg.num_layers_used, cfg.head_dim, cfg.num_tokens) == (31, 80, 257)
+    t = conv.clip_targets(cfg)
+    assert t["patch_embedding/kernel"].shape == (14, 14, 3, 1280)
+    assert t["blocks/attn/q/kernel"].shape == (31, 1280, 1280)
+    assert t["blocks/mlp/fc1/kernel"].shape == (31, 1280, 5120)
+    assert round(sum(math.prod(v.shape) for v in t.values()) / 1e6, 1) == 611.1
+
+
 # ----------------------------------------------------------------------------------------------
 # (b) HF-layout source converts to identical params
 # ----------------------------------------------------------------------------------------------
@@ -223,6 +236,7 @@ def test_resize_bicubic_torch_shapes(hw_in, hw_out):
     out = np.asarray(wimg.resize_bicubic_torch(x, hw_out))
     # inputs ~N(0,1): float32 rounding of weights and sums, measured <= 2.4e-6
     assert np.abs(out - ref).max() <= 1e-5
+    assert wimg.resize_bicubic_torch(jnp.asarray(x, jnp.bfloat16), hw_out).dtype == jnp.bfloat16
 
 
 def test_load_image_modes_and_resize_pil(tmp_path):

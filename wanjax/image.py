@@ -133,7 +133,8 @@ def resize_bicubic_torch(x, size: Sequence[int]) -> jax.Array:
     """Bicubic resize of ``x [..., H, W, C]`` to ``[..., h, w, C]`` exactly like
     ``F.interpolate(mode="bicubic", align_corners=False)`` (no antialias, no clamping).
 
-    Implemented as two separable interpolation matrices; ``size = (h, w)``.
+    Implemented as two separable interpolation matrices; ``size = (h, w)``. Computed in at least
+    float32; the result has the input's float dtype (float32 for integer input).
     """
     if x.ndim < 3:
         raise ValueError(f"resize_bicubic_torch: expected [..., H, W, C], got shape {tuple(x.shape)}")
@@ -141,13 +142,14 @@ def resize_bicubic_torch(x, size: Sequence[int]) -> jax.Array:
     if h <= 0 or w <= 0:
         raise ValueError(f"resize_bicubic_torch: size must be positive, got {tuple(size)}")
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.float32)
-    wh = jnp.asarray(_cubic_weights_torch(x.shape[-3], h), x.dtype)
-    ww = jnp.asarray(_cubic_weights_torch(x.shape[-2], w), x.dtype)
+    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    cdt = jnp.promote_types(out_dtype, jnp.float32)      # never interpolate in bf16/fp16
+    x = x.astype(cdt)
+    wh = jnp.asarray(_cubic_weights_torch(x.shape[-3], h), cdt)
+    ww = jnp.asarray(_cubic_weights_torch(x.shape[-2], w), cdt)
     hi = jax.lax.Precision.HIGHEST
     y = jnp.einsum("ow,...hwc->...hoc", ww, x, precision=hi)
-    return jnp.einsum("oh,...hwc->...owc", wh, y, precision=hi)
+    return jnp.einsum("oh,...hwc->...owc", wh, y, precision=hi).astype(out_dtype)
 
 
 def clip_preprocess(img_m11, size: int = 224) -> jax.Array:
