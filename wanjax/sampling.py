@@ -471,10 +471,10 @@ def unipc_step(state: UniPCState, flow: jax.Array, sigmas, i=None) -> tuple[UniP
     # stand-in sigmas so that no NaN/inf is formed (keeps gradients clean under jnp.where).
     use_corr = i >= 1
     corr_order2 = i >= 2
-    cs = jnp.where(use_corr, s_prev, 0.5 * (s_cur + 1))
-    cp = jnp.where(corr_order2, s_prev2, 0.5 * (cs + 1))
+    cs = jnp.where(use_corr, s_prev, 0.5 * s_cur)
+    cp = jnp.where(corr_order2, s_prev2, 0.25 * s_cur)
     ratio, a_phi, a_b, r1, b1, b2 = _bh2(cs, s_cur, cp)
-    r1 = jnp.where(corr_order2, r1, 1.0)
+    r1 = jnp.where(corr_order2, r1, -1.0)
     rho0 = (b1 - b2) / (1 - r1)                   # solves [[1, 1], [r1, 1]] @ rho = [b1, b2]
     rho1 = b1 - rho0
     d1_t = m - m_prev
@@ -487,7 +487,7 @@ def unipc_step(state: UniPCState, flow: jax.Array, sigmas, i=None) -> tuple[UniP
     pred_order2 = (i >= 1) & (i <= n - 2)
     final = s_next <= 0
     pt = jnp.where(final, 0.5 * s_cur, s_next)
-    pp = jnp.where(pred_order2, s_prev, 0.5 * (s_cur + 1))
+    pp = jnp.where(pred_order2, s_prev, 0.25 * s_cur)
     ratio, a_phi, a_b, r1, _, _ = _bh2(s_cur, pt, pp)
     r1 = jnp.where(pred_order2, r1, 1.0)
     x_pred = ratio * x_c - a_phi * m
