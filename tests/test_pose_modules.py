@@ -1,0 +1,210 @@
+"""PoseConditioner vs a PyTorch oracle built from the spec's layer tables (unianimate_dit.md 3, 4),
+weights converted with converters.pose.pose_plan + converters.common; fold_pose_proj; the converter CLI."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import wanjax  # noqa: F401
+from converters.common import (ConversionError, TensorSource, check_plan, materialize,
+                               unflatten_params)
+from converters.pose import LORA_IGNORE, main as convert_main, pose_plan, pose_targets
+from wanjax.checkpoint import load_model
+from wanjax.models.pose import PoseConditioner, PoseConfig, create_pose_conditioner, fold_pose_proj
+
+torch.manual_seed(0)
+
+
+class TorchPose(torch.nn.Module):
+    """The UA modules written directly from the spec tables (PyTorch NCTHW layout)."""
+
+    def __init__(self, out_dim: int, ref_dim: int = 20, proj_dim: int | None = None):
+        super().__init__()
+        c3 = torch.nn.Conv3d
+        self.dwpose_embedding = torch.nn.Sequential(
+            c3(3, 16, (3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1)), torch.nn.SiLU(),
+            c3(16, 16, (3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1)), torch.nn.SiLU(),
+            c3(16, 16, (3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1)), torch.nn.SiLU(),
+            c3(16, 16, (3, 3, 3), stride=(1, 2, 2), padding=(1, 1, 1)), torch.nn.SiLU(),
+            c3(16, 16, (3, 3, 3), stride=(2, 2, 2), padding=(1, 1, 1)), torch.nn.SiLU(),
+            c3(16, 16, (3, 3, 3), stride=(2, 2, 2), padding=(1, 1, 1)), torch.nn.SiLU(),
+            c3(16, out_dim, (1, 2, 2), stride=(1, 2, 2), padding=0))
+        c2 = torch.nn.Conv2d
+        self.randomref_embedding_pose = torch.nn.Sequential(
+            c2(3, 16, 3, stride=1, padding=1), torch.nn.SiLU(),
+            c2(16, 16, 3, stride=1, padding=1), torch.nn.SiLU(),
+            c2(16, 16, 3, stride=1, padding=1), torch.nn.SiLU(),
+            c2(16, 16, 3, stride=2, padding=1), torch.nn.SiLU(),
+            c2(16, 16, 3, stride=2, padding=1), torch.nn.SiLU(),
+            c2(16, ref_dim, 3, stride=2, padding=1))
+        self.pose_proj = torch.nn.Linear(out_dim, proj_dim) if proj_dim else None
+
+    def pose(self, x_nthwc: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(x_nthwc).permute(0, 4, 1, 2, 3)
+        y = self.dwpose_embedding(x).permute(0, 2, 3, 4, 1)
+        if self.pose_proj is not None:
+            y = self.pose_proj(y)
+        return y.detach().numpy()
+
+    def ref(self, x_nhwc: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(x_nhwc).permute(0, 3, 1, 2)
+        return self.randomref_embedding_pose(x).permute(0, 2, 3, 1).detach().numpy()
+
+
+def _ours_from_torch(tm: TorchPose, cfg: PoseConfig) -> PoseConditioner:
+    src = TensorSource.from_arrays(tm.state_dict())
+    plan = pose_plan(src, cfg)
+    targets = pose_targets(cfg)
+    check_plan(src, plan, targets)
+    params = materialize(src, plan, targets)
+    model = nnx.eval_shape(lambda: PoseConditioner(cfg, rngs=nnx.Rngs(1)))  # filled below, no init cost
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, nnx.restore_int_paths(unflatten_params(params)))
+    nnx.update(model, state)
+    return model
+
+
+def _rand(shape, seed=0):
+    return np.random.default_rng(seed).uniform(0.0, 1.0, shape).astype(np.float32)
+
+
+def _max_err(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+# Tolerance 1e-5: float32 throughout; the two implementations differ only in convolution summation
+# order (<= 16*27 products per output, 7 layers, activations O(1)), i.e. a few ulp of O(1) values.
+TOL = 1e-5
+
+
+def test_pose_stack_matches_torch():
+    cfg = PoseConfig(out_dim=24)
+    tm = TorchPose(out_dim=24)
+    ours = _ours_from_torch(tm, cfg)
+    x = _rand((1, 8, 32, 32, 3))  # 8 frames (4 * F_lat), F_lat = 2
+    want = tm.pose(x)
+    got = ours.pose_features(jnp.asarray(x))
+    assert got.shape == (1, 2, 2, 2, 24) == want.shape
+    assert _max_err(got, want) <= TOL
+    # time-chunked evaluation (halo of 2 latent frames) is exact, not approximate
+    x3 = _rand((1, 16, 16, 16, 3), seed=3)
+    full = np.asarray(ours.pose_features(jnp.asarray(x3)))
+    assert _max_err(full, tm.pose(x3)) <= TOL
+    assert _max_err(ours.pose_features(jnp.asarray(x3), time_chunk=1), full) <= TOL
+
+
+def test_ref_stack_matches_torch():
+    cfg = PoseConfig(out_dim=24)
+    tm = TorchPose(out_dim=24)
+    ours = _ours_from_torch(tm, cfg)
+    x = _rand((2, 32, 24, 3), seed=1)
+    want = tm.ref(x)
+    got = ours.ref_pose_features(jnp.asarray(x))
+    assert got.shape == (2, 4, 3, 20) == want.shape
+    assert _max_err(got, want) <= TOL
+
+
+def test_pose_proj_matches_torch_and_folds():
+    cfg = PoseConfig(out_dim=24, proj_dim=12)
+    tm = TorchPose(out_dim=24, proj_dim=12)
+    ours = _ours_from_torch(tm, cfg)
+    x = _rand((1, 8, 16, 32, 3), seed=2)
+    want = tm.pose(x)
+    got = np.asarray(ours.pose_features(jnp.asarray(x)))
+    assert got.shape == (1, 2, 1, 2, 12)
+    assert _max_err(got, want) <= TOL
+    folded = fold_pose_proj(ours)
+    assert folded.pose_proj is None
+    assert folded.dwpose_embedding[12].kernel[...].shape == (1, 2, 2, 16, 12)
+    f = np.asarray(folded.pose_features(jnp.asarray(x)))
+    # relative 1e-5: W' = W P and b' = b P + c only re-associate float32 sums of 24 terms
+    assert _max_err(f, got) <= 1e-5 * float(np.max(np.abs(got)))
+    assert _max_err(folded.ref_pose_features(jnp.asarray(x[:, 0])), ours.ref_pose_features(jnp.asarray(x[:, 0]))) == 0.0
+
+
+def test_student_zero_init_proj_outputs_zeros():
+    cfg = PoseConfig(out_dim=24, proj_dim=12)  # zero_init_proj defaults to True
+    model = create_pose_conditioner(cfg, seed=jax.random.key(0, impl="rbg"))
+    x = jnp.asarray(_rand((1, 8, 16, 16, 3)))
+    y = model.pose_features(x)
+    assert y.shape == (1, 2, 1, 1, 12)
+    assert np.all(np.asarray(y) == 0.0)
+    # the trunk itself is not zero (default PyTorch-style init)
+    assert float(jnp.max(jnp.abs(model._encode3d(x)))) > 0.0
+    assert np.all(np.asarray(fold_pose_proj(model).pose_features(x)) == 0.0)
+
+
+def test_spec_shapes_and_param_counts():
+    """Spec table 3.2 at 1/16 of 832x480 per side would not divide; use 64x48 and 17 pixel frames."""
+    cfg = PoseConfig()  # the 14B teacher sizes
+    model = nnx.eval_shape(lambda: PoseConditioner(cfg, rngs=nnx.Rngs(0)))
+    n3 = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model.dwpose_embedding, nnx.Param))))
+    n2 = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model.randomref_embedding_pose, nnx.Param))))
+    assert (n3, n2) == (368_752, 12_628)  # spec sections 3 and 4
+    pose = jax.ShapeDtypeStruct((1, 17 + 3, 64, 48, 3), jnp.float32)
+    out = jax.eval_shape(lambda m, p: m.pose_features(p), model, pose)
+    assert out.shape == (1, 5, 4, 3, 5120)
+    ref = jax.eval_shape(lambda m, p: m.ref_pose_features(p), model, jax.ShapeDtypeStruct((1, 64, 48, 3), jnp.float32))
+    assert ref.shape == (1, 8, 6, 20)
+    student = nnx.eval_shape(lambda: PoseConditioner(PoseConfig(proj_dim=1536), rngs=nnx.Rngs(0)))
+    out = jax.eval_shape(lambda m, p: m.pose_features(p), student, pose)
+    assert out.shape == (1, 5, 4, 3, 1536)
+
+
+def test_bad_inputs_raise_clear_errors():
+    # abstract model: the input checks run before any computation
+    model = nnx.eval_shape(lambda: PoseConditioner(PoseConfig(hidden=4, out_dim=8, ref_dim=6), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        model.pose_features(jnp.zeros((1, 7, 16, 16, 3)))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        model.pose_features(jnp.zeros((1, 8, 24, 16, 3)))
+    with pytest.raises(ValueError, match="channels last"):
+        model.pose_features(jnp.zeros((1, 3, 8, 16, 16)))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model.ref_pose_features(jnp.zeros((1, 12, 16, 3)))
+
+
+def test_plan_prefix_and_strictness():
+    cfg = PoseConfig(out_dim=24)
+    sd = TorchPose(out_dim=24).state_dict()
+    src = TensorSource.from_arrays(sd)
+    plan = pose_plan(src, cfg, prefix="pose")
+    assert plan[0].target == "pose/dwpose_embedding/0/kernel"
+    check_plan(src, plan, pose_targets(cfg, prefix="pose"))
+    lora = {"pipe.dit.blocks.0.self_attn.q.lora_A.default.weight": np.zeros((4, 8), np.float32)}
+    src2 = TensorSource.from_arrays({**sd, **lora, "inpaint_embedding.0.weight": np.zeros(3, np.float32)})
+    check_plan(TensorSource.from_arrays({**sd, **lora}), pose_plan(src, cfg), pose_targets(cfg), LORA_IGNORE)
+    with pytest.raises(ConversionError, match="unexpected key 'inpaint_embedding.0.weight'"):
+        check_plan(src2, pose_plan(src2, cfg), pose_targets(cfg), LORA_IGNORE)
+    bad = dict(sd)
+    del bad["dwpose_embedding.12.bias"]
+    with pytest.raises(ConversionError, match="missing key 'dwpose_embedding.12.bias'"):
+        check_plan(TensorSource.from_arrays(bad), pose_plan(src, cfg), pose_targets(cfg))
+
+
+def test_cli_converts_ua_checkpoint(tmp_path):
+    tm = TorchPose(out_dim=24)
+    sd = dict(tm.state_dict())
+    sd["pipe.dit.blocks.0.self_attn.q.lora_A.default.weight"] = torch.zeros(4, 8)
+    sd["pipe.dit.blocks.0.self_attn.q.lora_B.default.weight"] = torch.zeros(8, 4)
+    ckpt = tmp_path / "UniAnimate-tiny.ckpt"
+    torch.save(sd, ckpt)
+    assert convert_main(["--src", str(ckpt), "--out", str(tmp_path / "pose")]) == 0
+    assert convert_main(["--src", str(ckpt), "--out", str(tmp_path / "pose")]) == 1  # exists, no --overwrite
+    build = lambda c, rngs: PoseConditioner(PoseConfig.from_dict(c), rngs=rngs)  # noqa: E731
+    model = load_model(tmp_path / "pose", build)
+    x = _rand((1, 8, 16, 16, 3), seed=5)
+    assert model.cfg.out_dim == 24 and model.pose_proj is None
+    assert _max_err(model.pose_features(jnp.asarray(x)), tm.pose(x)) <= TOL
+    # --proj-dim without pose_proj in the source: zero head (student starts unchanged)
+    assert convert_main(["--src", str(ckpt), "--out", str(tmp_path / "student"), "--proj-dim", "12"]) == 0
+    student = load_model(tmp_path / "student", build)
+    assert student.pose_features(jnp.asarray(x)).shape == (1, 2, 1, 1, 12)
+    assert np.all(np.asarray(student.pose_features(jnp.asarray(x))) == 0.0)
+    assert _max_err(student._encode3d(jnp.asarray(x)), tm.pose(x)) <= TOL
