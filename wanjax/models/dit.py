@@ -262,9 +262,14 @@ class SelfAttention(nnx.Module):
     def qkv(self, x, cos, sin):
         B, L, D = x.shape
         H = self.num_heads
-        q = self.norm_q(self.q(x)).reshape(B, L, H, D // H)
-        k = self.norm_k(self.k(x)).reshape(B, L, H, D // H)
-        v = self.v(x).reshape(B, L, H, D // H)
+        # one fused [D, 3D] projection (same arithmetic as three matmuls, better GPU utilisation)
+        w = jnp.concatenate([self.q.kernel[...], self.k.kernel[...], self.v.kernel[...]], axis=1)
+        b = jnp.concatenate([self.q.bias[...], self.k.bias[...], self.v.bias[...]])
+        qkv = jnp.einsum("bld,de->ble", x, w.astype(x.dtype)) + b.astype(x.dtype)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        q = self.norm_q(q).reshape(B, L, H, D // H)
+        k = self.norm_k(k).reshape(B, L, H, D // H)
+        v = v.reshape(B, L, H, D // H)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def out(self, o):
@@ -364,8 +369,10 @@ class Block(nnx.Module):
 
         return self._attend_and_ffn(x, e0, ckv, F_, sa, backend)[0]
 
-    def cached(self, x, e0, ckv: CrossKV, cos, sin, cache_k, cache_v, write_slots, kv_len, backend):
-        """One block of frames against this layer's cache. Returns (x, cache_k, cache_v)."""
+    def cached(self, x, e0, ckv: CrossKV, cos, sin, cache_k, cache_v, layer, write_slots, kv_len, backend):
+        """One block of frames against layer ``layer`` of the stacked caches
+        [num_layers, B, S, H, Dh]. Only this block's frames are written (in place in the caller's
+        loop carry). Returns (x, cache_k, cache_v)."""
         F_ = e0.shape[1]
 
         def sa(h):
@@ -373,12 +380,12 @@ class Block(nnx.Module):
             ck, cv = cache_k, cache_v
             T = k.shape[1] // F_
             for j in range(F_):  # static: frames of this block
-                ck = jax.lax.dynamic_update_slice(ck, k[:, j * T:(j + 1) * T].astype(ck.dtype),
-                                                  (0, write_slots[j] * T, 0, 0))
-                cv = jax.lax.dynamic_update_slice(cv, v[:, j * T:(j + 1) * T].astype(cv.dtype),
-                                                  (0, write_slots[j] * T, 0, 0))
-            o = attn_lib.attention(q, ck.astype(q.dtype), cv.astype(q.dtype), backend=backend,
-                                   kv_len=kv_len)
+                at = (layer, 0, write_slots[j] * T, 0, 0)
+                ck = jax.lax.dynamic_update_slice(ck, k[None, :, j * T:(j + 1) * T].astype(ck.dtype), at)
+                cv = jax.lax.dynamic_update_slice(cv, v[None, :, j * T:(j + 1) * T].astype(cv.dtype), at)
+            lk = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(q.dtype)
+            lv = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(q.dtype)
+            o = attn_lib.attention(q, lk, lv, backend=backend, kv_len=kv_len)
             return self.self_attn.out(o), (ck, cv)
 
         x, (ck, cv) = self._attend_and_ffn(x, e0, ckv, F_, sa, backend)
@@ -567,15 +574,18 @@ class WanDiT(nnx.Module):
         kv_len = jnp.full((x.shape[0],), frames_valid * T, jnp.int32)
         gdef, state = nnx.split(self.blocks)
 
-        def body(h, xs):
-            layer_state, layer_ckv, ck, cv = xs
+        def body(carry, xs):
+            h, ks, vs = carry
+            layer_state, layer_ckv, layer = xs
             blk = nnx.merge(gdef, layer_state)
-            h, ck, cv = blk.cached(h, e0, layer_ckv, cos, sin, ck, cv, slots, kv_len, backend)
-            return h, (ck, cv)
+            h, ks, vs = blk.cached(h, e0, layer_ckv, cos, sin, ks, vs, layer, slots, kv_len, backend)
+            return (h, ks, vs), None
 
         if cfg.remat:
             body = jax.checkpoint(body, prevent_cse=False)
-        tok, (ks, vs) = jax.lax.scan(body, tok, (state, ckv, cache.k, cache.v))
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        # the caches are loop carries updated in place: one copy lives, only new frames are written
+        (tok, ks, vs), _ = jax.lax.scan(body, (tok, cache.k, cache.v), (state, ckv, layers))
         out = self.head(tok, e, nf)
         return unpatchify(out, grid, cfg.patch, cfg.out_dim), KVCache(ks, vs)
 
