@@ -2,54 +2,13 @@
 
 import json
 import math
-import sys
-import types
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-
-def _ensure_pose_contract():
-    """Stand-in for wanjax.pose.{keypoints,render} until the real modules land."""
-    try:
-        import wanjax.pose.keypoints  # noqa: F401
-        import wanjax.pose.render  # noqa: F401
-        return
-    except ImportError:
-        pass
-
-    @dataclass(frozen=True)
-    class PoseSequence:
-        body: np.ndarray
-        hands: np.ndarray
-        width: int
-        height: int
-
-    def save_keypoints(path, seq):
-        with open(path, "w") as f:
-            json.dump({"body": seq.body.tolist(), "hands": seq.hands.tolist(), "width": seq.width,
-                       "height": seq.height}, f)
-
-    def load_keypoints(path):
-        with open(path) as f:
-            d = json.load(f)
-        return PoseSequence(np.asarray(d["body"], np.float32), np.asarray(d["hands"], np.float32), d["width"],
-                            d["height"])
-
-    pkg = types.ModuleType("wanjax.pose")
-    kp = types.ModuleType("wanjax.pose.keypoints")
-    kp.PoseSequence, kp.save_keypoints, kp.load_keypoints = PoseSequence, save_keypoints, load_keypoints
-    rd = types.ModuleType("wanjax.pose.render")
-    rd.render_sequence = lambda seq, h, w: np.zeros((seq.body.shape[0], h, w, 3), np.uint8)
-    sys.modules.update({"wanjax.pose": pkg, "wanjax.pose.keypoints": kp, "wanjax.pose.render": rd})
-
-
-_ensure_pose_contract()
-
-from wanjax.data import synthetic as syn  # noqa: E402
-from wanjax.metrics import pose as pm  # noqa: E402
-from wanjax.metrics import video as vm  # noqa: E402
+from wanjax.data import synthetic as syn
+from wanjax.metrics import pose as pm
+from wanjax.metrics import video as vm
 
 CFG = syn.SyntheticConfig(height=64, width=64, num_frames=9)
 

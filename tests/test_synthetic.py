@@ -1,61 +1,14 @@
 """Synthetic pose-driven video world: determinism, layout, motion, colour-key recovery, dataset writer."""
 
 import json
-import sys
-import types
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-
-def _ensure_pose_contract():
-    """Stand-in for wanjax.pose.{keypoints,render} until the real modules land."""
-    try:
-        import wanjax.pose.keypoints  # noqa: F401
-        import wanjax.pose.render  # noqa: F401
-        return
-    except ImportError:
-        pass
-
-    @dataclass(frozen=True)
-    class PoseSequence:
-        body: np.ndarray
-        hands: np.ndarray
-        width: int
-        height: int
-
-    def save_keypoints(path, seq):
-        with open(path, "w") as f:
-            json.dump({"body": seq.body.tolist(), "hands": seq.hands.tolist(), "width": seq.width,
-                       "height": seq.height}, f)
-
-    def load_keypoints(path):
-        with open(path) as f:
-            d = json.load(f)
-        return PoseSequence(np.asarray(d["body"], np.float32), np.asarray(d["hands"], np.float32), d["width"],
-                            d["height"])
-
-    def render_sequence(seq, height, width):
-        out = np.zeros((seq.body.shape[0], height, width, 3), np.uint8)
-        for t, b in enumerate(seq.body):
-            for x, y, s in b:
-                if s > 0:
-                    out[t, min(int(y * height), height - 1), min(int(x * width), width - 1)] = 255
-        return out
-
-    pkg = types.ModuleType("wanjax.pose")
-    kp = types.ModuleType("wanjax.pose.keypoints")
-    kp.PoseSequence, kp.save_keypoints, kp.load_keypoints = PoseSequence, save_keypoints, load_keypoints
-    rd = types.ModuleType("wanjax.pose.render")
-    rd.render_sequence = render_sequence
-    sys.modules.update({"wanjax.pose": pkg, "wanjax.pose.keypoints": kp, "wanjax.pose.render": rd})
-
-
-_ensure_pose_contract()
-
-from wanjax.data import synthetic as syn  # noqa: E402
-from wanjax.metrics.pose import estimate_pose_colorkey, keypoint_error, marker_keypoints, pck  # noqa: E402
+from wanjax.data import synthetic as syn
+from wanjax.pose.keypoints import load_keypoints
+from wanjax.pose.render import render_sequence
+from wanjax.metrics.pose import estimate_pose_colorkey, keypoint_error, marker_keypoints, pck
 
 CFG = syn.SyntheticConfig(height=64, width=64, num_frames=9)
 
@@ -73,6 +26,9 @@ def test_sample_is_deterministic_by_seed_and_has_right_shapes():
     assert a["pose_frames"].shape == (9, 64, 64, 3) and a["ref_image"].shape == (64, 64, 3)
     assert a["pose"].body.shape == (9, 20, 3) and a["pose"].hands.shape == (9, 2, 21, 3)
     assert a["ref_pose"].body.shape == (1, 20, 3)
+    # pose maps come from wanjax.pose.render.render_sequence: a skeleton on black in every frame
+    assert all((f > 0).any() for f in a["pose_frames"])
+    np.testing.assert_array_equal(a["pose_frames"], render_sequence(a["pose"], 64, 64))
     assert (a["video"].shape[0] - 1) % 4 == 0
     np.testing.assert_array_equal(a["video"], b["video"])
     np.testing.assert_array_equal(a["pose"].body, b["pose"].body)
@@ -146,8 +102,6 @@ def test_gt_video_roundtrips_losslessly_through_mp4(tmp_path):
 
 
 def test_dataset_writer_is_resumable_and_manifest_valid(tmp_path):
-    from wanjax.pose.keypoints import load_keypoints
-
     man = syn.make_dataset(tmp_path, 2, seed=7, cfg=CFG, split="val")
     rows = [json.loads(line) for line in man.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["000000", "000001"]
