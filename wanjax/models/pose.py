@@ -192,7 +192,8 @@ class PoseConditioner(nnx.Module):
             bounds the full-resolution activations to ``4*(time_chunk+4)`` frames.
         Returns:
           ``[B, F_lat, H/16, W/16, D]``, D = ``proj_dim`` or ``out_dim``, in ``dtype``.
-          Flatten ``(f, h, w)`` row-major to get the DiT token order.
+          Flatten ``(f, h, w)`` row-major to get the DiT token order. UA runs this stack in float32
+          and casts the tokens to bfloat16 before adding them to the patch embeddings (spec 12.1).
         """
         if pose.ndim != 5 or pose.shape[-1] != self.cfg.in_channels:
             raise ValueError(f"pose_features: expected pose [B, 4*F_lat, H, W, {self.cfg.in_channels}] "
