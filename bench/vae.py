@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wanjax.models.vae import StreamingDecoder, get_vae_config, init_vae, jit_decode
+from wanjax.models.vae import (StreamingDecoder, decoder_layers, get_vae_config, init_vae,
+                               jit_decode, set_conv_impl)
 
 
 def peak_bytes() -> float | None:
@@ -32,6 +33,30 @@ def peak_bytes() -> float | None:
         return None if stats is None else stats.get("peak_bytes_in_use")
     except Exception:
         return None
+
+
+def decoder_flops(cfg, n_lat: int, h: int, w: int, first: bool) -> float:
+    """Multiply-add FLOPs (x2) of the decoder's convs and attention for one chunk of n_lat latents."""
+    t = 1 + 4 * (n_lat - 1) if first else 4 * n_lat
+    t_lat, top = n_lat, cfg.base_dim * cfg.dim_mult[-1]
+    fl = 2 * 27 * cfg.z_dim * top * t_lat * h * w                        # conv_in
+    fl += 2 * (2 * 2 * 27 * top * top) * t_lat * h * w                   # mid res blocks
+    fl += 2 * (4 * top * top) * t_lat * h * w + 2 * 2 * t_lat * (h * w) ** 2 * top   # attention
+    tt, hh, ww = t_lat, h, w
+    for spec in decoder_layers(cfg):
+        if spec[0] == "res":
+            ci, co = spec[1], spec[2]
+            fl += 2 * 27 * (ci * co + co * co) * tt * hh * ww + (2 * ci * co * tt * hh * ww if ci != co else 0)
+        else:
+            c = spec[1]
+            if spec[0] == "upsample3d":
+                fl += 2 * 3 * c * 2 * c * tt * hh * ww
+                tt = 2 * tt - (1 if first else 0)
+            fl += 2 * 9 * c * (c // 2) * tt * (2 * hh) * (2 * ww)
+            hh, ww = 2 * hh, 2 * ww
+    fl += 2 * 27 * cfg.base_dim * 3 * tt * hh * ww                       # conv_out
+    assert tt == t, (tt, t)
+    return float(fl)
 
 
 def _gib(b):
@@ -47,6 +72,10 @@ def main(argv=None) -> int:
     ap.add_argument("--latent-frames", type=int, default=21)
     ap.add_argument("--block", type=int, default=3, help="latent frames per streamed block")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=3,
+                    help="latent frames per chunk of the full decode (0: one pass over everything)")
+    ap.add_argument("--conv-impl", default="3d", choices=("3d", "fold"),
+                    help="temporal conv as one 3-D conv or as a time-folded 2-D conv")
     ap.add_argument("--skip-full", action="store_true", help="only the streaming decode")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
@@ -62,7 +91,7 @@ def main(argv=None) -> int:
     n_out = 1 + cfg.temporal_factor * (F - 1)
 
     t0 = time.perf_counter()
-    vae = init_vae(cfg, seed=0, dtype=dtype)
+    vae = set_conv_impl(init_vae(cfg, seed=0, dtype=dtype), args.conv_impl)
     nparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(vae, nnx.Param)))
     t_init = time.perf_counter() - t0
     z = jax.random.normal(jax.random.key(0), (1, F, h, w, cfg.z_dim), jnp.float32)
@@ -98,7 +127,7 @@ def main(argv=None) -> int:
     rows_full = []
     diff = None
     if not args.skip_full:
-        decode = jit_decode(vae)
+        decode = jit_decode(vae, chunk=args.chunk or None)
         tc = time.perf_counter()
         full = jax.block_until_ready(decode(z))
         t_compile_full = time.perf_counter() - tc
@@ -110,24 +139,29 @@ def main(argv=None) -> int:
         peak_full = peak_bytes()
         diff = float(jnp.abs(full - stream).max())
         finite = bool(jnp.isfinite(full).all())
+        fl_full = decoder_flops(cfg, F, h, w, True)
         rows_full = [
             ("full decode (s)", f"{min(full_times):.3f} (median {np.median(full_times):.3f}; "
-                                f"{n_out / min(full_times):.1f} frames/s)"),
+                                f"{n_out / min(full_times):.1f} frames/s; "
+                                f"{fl_full / min(full_times) / 1e12:.0f} TFLOP/s)"),
+            ("full decode chunking", "one pass" if not args.chunk else f"{args.chunk} latent frames"),
             ("full compile+warmup (s)", f"{t_compile_full:.1f}"),
             ("peak memory after full (GiB)", _gib(peak_full)),
             ("stream vs full max |diff|", f"{diff:.2e}"),
             ("full output finite", str(finite)),
         ]
 
+    fl_step = decoder_flops(cfg, args.block, h, w, len(per_block) == 1)
     dev = jax.devices()[0]
     rows = [
         ("device", f"{dev.platform}:{getattr(dev, 'device_kind', '')}"),
         ("model", f"VAE {args.preset} (base_dim {cfg.base_dim}), {nparams / 1e6:.2f} M params, "
-                  f"compute {args.dtype}"),
+                  f"compute {args.dtype}, conv {args.conv_impl}"),
         ("latents", f"{F} x {h}x{w}x{cfg.z_dim} -> {n_out} frames of {args.height}x{args.width}"),
         ("stream frames per block", " ".join(map(str, counts))),
         ("stream per block (ms)", " ".join(f"{1e3 * t:.1f}" for t in per_block)),
         ("stream first block (ms)", f"{1e3 * per_block[0]:.1f}"),
+        ("stream later block TFLOP/s", f"{fl_step / 1e12 / float(np.median(per_block[1:] or per_block)):.0f}"),
         ("stream total (s)", f"{sum(per_block):.3f} (median {np.median(totals):.3f})"),
         ("stream compile+warmup (s)", f"{t_compile_stream:.1f}"),
         ("peak memory after stream (GiB)", _gib(peak_stream)),

@@ -159,12 +159,28 @@ def _last_frames(prev: jax.Array | None, x: jax.Array, n: int = CACHE_T) -> jax.
     return jnp.concatenate([prev[:, t:], x], axis=1)
 
 
+def _conv3d_folded(xc: jax.Array, kernel: jax.Array, bias, pad_hw: int) -> jax.Array:
+    """Valid-in-time 3-D conv as one 2-D conv over time-stacked channels.
+
+    xc [B,T+kt-1,H,W,Ci]; kernel [kt,kh,kw,Ci,Co] -> [B,T,H,W,Co]. The kt shifted views are
+    concatenated on channels (index kt*Ci + c), so the conv is a per-frame 2-D conv with kt*Ci
+    inputs (cuDNN's 2-D kernels are often faster than its 3-D ones; costs a kt-fold input copy).
+    """
+    kt, kh, kw, ci, co = kernel.shape
+    t = xc.shape[1] - (kt - 1)
+    xs = jnp.concatenate([xc[:, i:i + t] for i in range(kt)], axis=-1)
+    k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * ci, co)
+    return _per_frame(lambda f: conv_nd(f, k2, bias, strides=(1, 1),
+                                        padding=((pad_hw, pad_hw), (pad_hw, pad_hw))), xs)
+
+
 def causal_conv3d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, cache,
-                  pad_hw: int) -> tuple[jax.Array, Any]:
+                  pad_hw: int, impl: str = "3d") -> tuple[jax.Array, Any]:
     """Causal 3-D conv. x [B,T,H,W,Ci]; kernel [kt,kh,kw,Ci,Co] -> y [B,T,H,W,Co].
 
     ``cache``: None (whole sequence, 2 front zero frames, no cache returned), INIT (same, and
     return the new cache) or an array [B, kt-1, H, W, Ci] of the previous input frames.
+    ``impl``: "3d" (one 3-D conv) or "fold" (time folded into channels, one 2-D conv).
     Returns (y, new_cache or None).
     """
     kt = kernel.shape[0]
@@ -172,11 +188,18 @@ def causal_conv3d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, cache
     if kt == 1:
         return conv_nd(x, kernel, bias, strides=(1, 1, 1), padding=((0, 0),) + hw), None
     if cache is None or cache is INIT:
+        new_cache = None if cache is None else _last_frames(None, x, kt - 1)
+        if impl == "fold":
+            xc = jnp.pad(x, ((0, 0), (kt - 1, 0), (0, 0), (0, 0), (0, 0)))
+            return _conv3d_folded(xc, kernel, bias, pad_hw), new_cache
         y = conv_nd(x, kernel, bias, strides=(1, 1, 1), padding=((kt - 1, 0),) + hw)
-        return y, (None if cache is None else _last_frames(None, x, kt - 1))
+        return y, new_cache
     cache = cache.astype(x.dtype)
     xc = jnp.concatenate([cache, x], axis=1)
-    y = conv_nd(xc, kernel, bias, strides=(1, 1, 1), padding=((0, 0),) + hw)
+    if impl == "fold":
+        y = _conv3d_folded(xc, kernel, bias, pad_hw)
+    else:
+        y = conv_nd(xc, kernel, bias, strides=(1, 1, 1), padding=((0, 0),) + hw)
     return y, xc[:, xc.shape[1] - (kt - 1):]
 
 
@@ -229,11 +252,27 @@ class ChannelRMSNorm(nnx.Module):
 
 
 class CausalConv3d(Conv):
-    """Causal 3-D conv, kernel [kt,kh,kw,Ci,Co]; spatial zero padding ``kh // 2``."""
+    """Causal 3-D conv, kernel [kt,kh,kw,Ci,Co]; spatial zero padding ``kh // 2``.
+
+    ``impl`` ("3d" or "fold", see ``causal_conv3d``) is a static attribute; change it for a whole
+    model with ``set_conv_impl``.
+    """
+
+    impl: str = "3d"
 
     def __call__(self, x, cache=None):
         return causal_conv3d(x, self.kernel[...], None if self.bias is None else self.bias[...],
-                             cache, self.kernel.shape[1] // 2)
+                             cache, self.kernel.shape[1] // 2, self.impl)
+
+
+def set_conv_impl(model: nnx.Module, impl: str) -> nnx.Module:
+    """Select the temporal-conv implementation ("3d" or "fold") of every CausalConv3d (in place)."""
+    if impl not in ("3d", "fold"):
+        raise ValueError(f"conv impl {impl!r}: choose '3d' or 'fold'")
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, CausalConv3d):
+            m.impl = impl
+    return model
 
 
 class ResidualBlock(nnx.Module):
@@ -509,9 +548,38 @@ class WanVAE(nnx.Module):
         y, cache = self.decoder(self._pre_decode(z), cache, first)
         return jnp.clip(y.astype(jnp.float32), -1.0, 1.0), cache
 
-    def decode(self, z: jax.Array) -> jax.Array:
-        """z [B,T_lat,h,w,z_dim] (normalised) -> video [B,1+4(T_lat-1),8h,8w,3] in [-1,1]."""
-        return self.decode_chunk(z, None, True)[0]
+    def decode(self, z: jax.Array, chunk: int | None = None) -> jax.Array:
+        """z [B,T_lat,h,w,z_dim] (normalised) -> video [B,1+4(T_lat-1),8h,8w,3] in [-1,1].
+
+        ``chunk=None`` runs the whole sequence at once (the full-sequence form). ``chunk=n``
+        decodes n latent frames at a time with the causal caches (the first chunk, then a
+        ``lax.scan`` over equal chunks, then any remainder): same result, activations bounded by
+        one chunk. Use it at real sizes: a single pass over 81 frames at 480x832 holds tensors of
+        more than 2^31 elements, which cuDNN's fast kernels do not take.
+        """
+        t = z.shape[1]
+        if chunk is None or chunk >= t:
+            return self.decode_chunk(z, None, True)[0]
+        if chunk < 1:
+            raise ValueError(f"WanVAE.decode: chunk must be >= 1, got {chunk}")
+        first, cache = self.decode_chunk(z[:, :chunk], INIT, True)
+        n_mid = (t - chunk) // chunk
+        outs = [first]
+        if n_mid:
+            zs = z[:, chunk:chunk + n_mid * chunk]
+            zs = zs.reshape((zs.shape[0], n_mid, chunk) + zs.shape[2:]).swapaxes(0, 1)
+
+            def body(c, zc):
+                y, c = self.decode_chunk(zc, c, False)
+                return c, y
+
+            cache, ys = jax.lax.scan(body, cache, zs)          # ys [n_mid, B, 4*chunk, H, W, 3]
+            ys = ys.swapaxes(0, 1)
+            outs.append(ys.reshape((ys.shape[0], -1) + ys.shape[3:]))
+        rest = t - chunk - n_mid * chunk
+        if rest:
+            outs.append(self.decode_chunk(z[:, t - rest:], cache, False)[0])
+        return jnp.concatenate(outs, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,10 +597,10 @@ def jit_encode(vae: WanVAE) -> Callable[[jax.Array], jax.Array]:
     return lambda video: fn(state, video)
 
 
-def jit_decode(vae: WanVAE) -> Callable[[jax.Array], jax.Array]:
-    """A jitted ``z -> video`` over the whole latent sequence."""
+def jit_decode(vae: WanVAE, chunk: int | None = None) -> Callable[[jax.Array], jax.Array]:
+    """A jitted ``z -> video`` (see ``WanVAE.decode`` for ``chunk``; 3 is right at 480x832)."""
     graphdef, state = _split(vae)
-    fn = jax.jit(lambda st, z: nnx.merge(graphdef, st).decode(z))
+    fn = jax.jit(lambda st, z: nnx.merge(graphdef, st).decode(z, chunk))
     return lambda z: fn(state, z)
 
 
