@@ -175,7 +175,7 @@ def _conv3d_folded(xc: jax.Array, kernel: jax.Array, bias, pad_hw: int) -> jax.A
 
 
 def causal_conv3d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, cache,
-                  pad_hw: int, impl: str = "3d") -> tuple[jax.Array, Any]:
+                  pad_hw: int, impl: str = "fold") -> tuple[jax.Array, Any]:
     """Causal 3-D conv. x [B,T,H,W,Ci]; kernel [kt,kh,kw,Ci,Co] -> y [B,T,H,W,Co].
 
     ``cache``: None (whole sequence, 2 front zero frames, no cache returned), INIT (same, and
@@ -254,11 +254,13 @@ class ChannelRMSNorm(nnx.Module):
 class CausalConv3d(Conv):
     """Causal 3-D conv, kernel [kt,kh,kw,Ci,Co]; spatial zero padding ``kh // 2``.
 
-    ``impl`` ("3d" or "fold", see ``causal_conv3d``) is a static attribute; change it for a whole
-    model with ``set_conv_impl``.
+    ``impl`` ("fold" or "3d", see ``causal_conv3d``) is a static attribute; change it for a whole
+    model with ``set_conv_impl``. "fold" is the default: on an H100 in bf16 it decoded 21 latent
+    frames to 81 frames of 480x832 in 0.78 s against 0.96 s for "3d" (cuDNN 2-D kernels beat its
+    3-D ones), at the price of a longer compile (about 60 s against 17 s).
     """
 
-    impl: str = "3d"
+    impl: str = "fold"
 
     def __call__(self, x, cache=None):
         return causal_conv3d(x, self.kernel[...], None if self.bias is None else self.bias[...],
@@ -548,16 +550,30 @@ class WanVAE(nnx.Module):
         y, cache = self.decoder(self._pre_decode(z), cache, first)
         return jnp.clip(y.astype(jnp.float32), -1.0, 1.0), cache
 
-    def decode(self, z: jax.Array, chunk: int | None = None) -> jax.Array:
+    def auto_chunk(self, z_shape: Sequence[int]) -> int | None:
+        """Latent frames per decode chunk: None (one pass) unless the largest conv input (the
+        time-folded full-resolution activation, 3*base_dim channels) would pass 2^31 elements,
+        which cuDNN's fast kernels do not take; then chunks well below that (3 at 480x832)."""
+        b, t, h, w = z_shape[:4]
+        s = self.cfg.spatial_factor
+        per_frame = b * (h * s) * (w * s) * 3 * self.cfg.base_dim
+        if (1 + self.cfg.temporal_factor * (t - 1)) * per_frame < 2 ** 31:
+            return None
+        return max(1, int(2 ** 31 / (per_frame * self.cfg.temporal_factor * 1.5)))
+
+    def decode(self, z: jax.Array, chunk: int | None | str = "auto") -> jax.Array:
         """z [B,T_lat,h,w,z_dim] (normalised) -> video [B,1+4(T_lat-1),8h,8w,3] in [-1,1].
 
-        ``chunk=None`` runs the whole sequence at once (the full-sequence form). ``chunk=n``
+        ``chunk="auto"`` picks ``auto_chunk``. ``chunk=None`` runs the whole sequence at once
+        (the full-sequence form). ``chunk=n``
         decodes n latent frames at a time with the causal caches (the first chunk, then a
         ``lax.scan`` over equal chunks, then any remainder): same result, activations bounded by
         one chunk. Use it at real sizes: a single pass over 81 frames at 480x832 holds tensors of
         more than 2^31 elements, which cuDNN's fast kernels do not take.
         """
         t = z.shape[1]
+        if chunk == "auto":
+            chunk = self.auto_chunk(z.shape)
         if chunk is None or chunk >= t:
             return self.decode_chunk(z, None, True)[0]
         if chunk < 1:
@@ -597,8 +613,8 @@ def jit_encode(vae: WanVAE) -> Callable[[jax.Array], jax.Array]:
     return lambda video: fn(state, video)
 
 
-def jit_decode(vae: WanVAE, chunk: int | None = None) -> Callable[[jax.Array], jax.Array]:
-    """A jitted ``z -> video`` (see ``WanVAE.decode`` for ``chunk``; 3 is right at 480x832)."""
+def jit_decode(vae: WanVAE, chunk: int | None | str = "auto") -> Callable[[jax.Array], jax.Array]:
+    """A jitted ``z -> video`` (see ``WanVAE.decode`` for ``chunk``; auto gives 3 at 480x832)."""
     graphdef, state = _split(vae)
     fn = jax.jit(lambda st, z: nnx.merge(graphdef, st).decode(z, chunk))
     return lambda z: fn(state, z)
@@ -615,7 +631,8 @@ class StreamingDecoder:
     The cache is a pytree of arrays (the last 2 input frames of every temporal conv) with static
     shapes, so one compiled step serves every block after the first (the first block has its own
     compiled function). Block sizes may vary, at the cost of one compile per new size. The cache
-    is donated to the step, so its buffers are reused in place.
+    is donated to the step, so its buffers are reused in place. The parameters are a snapshot
+    taken at construction (make a new decoder after changing the model's weights).
     """
 
     def __init__(self, vae: WanVAE):
