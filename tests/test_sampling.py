@@ -80,9 +80,9 @@ def test_dpm_and_euler_grids(shift):
     np.testing.assert_allclose(sig[-3:], tail, atol=5e-7, rtol=0)
     eul = S.euler_sigmas(50, shift)
     assert eul[0] == 1.0 and eul[-1] == 0.0 and eul.dtype == np.float32
-    # float32 (DiffSynth) vs float64-then-cast (Wan) construction: at most 1 ulp (<= 1.2e-7 below 1).
+    # float32 (UniAnimate) vs float64-then-cast (Wan) construction: at most 1 ulp (<= 1.2e-7 below 1).
     assert np.abs(eul - sig).max() <= 1.2e-7
-    # UniAnimate/DiffSynth build it in torch float32: must be bit-identical.
+    # UniAnimate build it in torch float32: must be bit-identical.
     base = torch.linspace(1.0, 0.0, 51)[:-1]
     ref = (shift * base / (1 + (shift - 1) * base)).numpy()
     np.testing.assert_array_equal(eul[:-1], ref)
@@ -174,7 +174,7 @@ def test_unipc_last_step_returns_x0_and_rejects_sigma_one():
 # ---------------------------------------------------------------------------------- (c) grid
 
 def _torch_grid(shift):
-    """Self-Forcing / DiffSynth training grid built in torch from the spec's recipe (§4.1)."""
+    """Self-Forcing / UniAnimate training grid built in torch from the spec's recipe (§4.1)."""
     base = torch.linspace(1.0, 0.0, 1001)[:-1]
     sig = shift * base / (1 + (shift - 1) * base)
     ts = sig * 1000

@@ -11,7 +11,7 @@ What lives here:
 * Schedule tables (numpy, built exactly like the reference code so that they agree bit for bit with
   the PyTorch / numpy originals): :func:`unipc_sigmas` / :func:`unipc_schedule` (Wan's UniPC grid),
   :func:`euler_sigmas` (UniAnimate's FlowMatch-Euler grid, equal to Wan's DPM++ grid),
-  :class:`FlowMatchGrid` (Self-Forcing / DiffSynth 1000-point training grid) and
+  :class:`FlowMatchGrid` (Self-Forcing / UniAnimate 1000-point training grid) and
   :func:`student_schedule` (Self-Forcing's warped 4-step list).
 * Pure jax functions, usable inside ``jax.jit`` and loops: :func:`cfg`, :func:`cfg_x0_dmd`,
   :func:`x0_from_flow`, :func:`flow_from_x0`, :func:`renoise`, the flow-UniPC solver
@@ -152,7 +152,7 @@ def unipc_schedule(num_steps: int, shift: float) -> tuple[np.ndarray, np.ndarray
 def euler_sigmas(num_steps: int, shift: float) -> np.ndarray:
     """UniAnimate's FlowMatch-Euler grid ``shift(linspace(1, 0, N+1)[:N])`` plus a final 0.
 
-    Built in float32 like DiffSynth's ``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True)``
+    Built in float32 like UniAnimate's ``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True)``
     (torch float32 linspace, float32 shift). It starts at exactly 1.0. Wan's DPM++ solver uses the
     same grid (computed there in float64 then cast; the values agree to 1 ulp).
 
@@ -195,7 +195,7 @@ def _shift_f32(base: np.ndarray, shift: float) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FlowMatchGrid:
-    """Self-Forcing's (DiffSynth's) 1000-point flow-matching training grid (self_forcing.md §4.1).
+    """Self-Forcing's (and UniAnimate's) 1000-point flow-matching training grid (self_forcing.md §4.1).
 
     ``FlowMatchScheduler(shift, sigma_min=0, sigma_max=1, extra_one_step=True)`` after
     ``set_timesteps(1000, training=True)``: ``sigmas[i] = shift(linspace(1, 0, 1001)[i])`` for
@@ -251,7 +251,7 @@ class FlowMatchGrid:
         return renoise(x0, eps, self.lookup_sigma(t)).astype(eps.dtype)
 
     def euler_step(self, flow: jax.Array, t, x: jax.Array) -> jax.Array:
-        """DiffSynth ``step``: ``x + flow * (sigma_{i+1} - sigma_i)``, sigma past the grid's end = 0."""
+        """FlowMatch ``step``: ``x + flow * (sigma_{i+1} - sigma_i)``, sigma past the grid's end = 0."""
         idx = self.lookup_index(t)
         ext = jnp.concatenate([jnp.asarray(self.sigmas), jnp.zeros((1,), jnp.float32)])
         ds = _expand(ext[idx + 1] - ext[idx], x.ndim)
@@ -361,7 +361,7 @@ def make_cfg_model_fn(cond_fn: Callable, uncond_fn: Callable, scale: float) -> C
 
     ``cond_fn`` / ``uncond_fn`` close over their own conditioning (for UniAnimate: ``uncond_fn`` is
     the DiT with the negative prompt, same CLIP and y, and no pose tokens). With a Python
-    ``scale == 1.0`` the negative pass is skipped (DiffSynth's behaviour).
+    ``scale == 1.0`` the negative pass is skipped (UniAnimate's behaviour).
     """
     if isinstance(scale, (int, float)) and float(scale) == 1.0:
         return cond_fn
@@ -542,7 +542,7 @@ def sample_unipc(model_fn: Callable, x: jax.Array, sigmas, timesteps, *, fori: b
 
 
 def sample_euler(model_fn: Callable, x: jax.Array, sigmas, timesteps) -> jax.Array:
-    """FlowMatch Euler (UniAnimate / DiffSynth): ``x <- x + flow * (sigma_{k+1} - sigma_k)``.
+    """FlowMatch Euler (UniAnimate): ``x <- x + flow * (sigma_{k+1} - sigma_k)``.
 
     ``sigmas`` ``[N+1]`` (e.g. :func:`euler_sigmas`), ``timesteps`` ``[N]`` (``1000*sigma``; UniAnimate
     feeds them to the DiT in bf16, which is ``model_fn``'s business). The update is rounded to

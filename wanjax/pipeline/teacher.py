@@ -1,7 +1,7 @@
 """Bidirectional teacher sampling (UniAnimate-DiT on Wan2.1-I2V-14B, or any WanDiT).
 
 * Sampler: FlowMatch Euler on :func:`wanjax.sampling.euler_sigmas` (UniAnimate's default; timesteps
-  ``1000 * sigma``, fed in float32 - UniAnimate feeds them in bf16, a DiffSynth quirk not copied) or
+  ``1000 * sigma``, fed in float32 - UniAnimate feeds them in bf16, a quirk of its pipeline not copied) or
   Wan's flow-UniPC (:func:`wanjax.sampling.unipc_schedule`, truncated integer timesteps).
   Defaults (unianimate_dit.md 8): 50 steps, shift 5, CFG 1.5.
 * CFG (unianimate_dit.md 6): ``v = v_neg + s (v_pos - v_neg)``; the positive branch has the prompt,
