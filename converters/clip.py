@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from converters.common import (Assign, ConversionError, TensorSource, conv_t, convert,
-                               flatten_params, linear_t, open_tensor_source, strip_wrappers)
+                               abstract_params, linear_t, open_tensor_source, strip_wrappers)
 
 OPEN_CLIP = "open_clip"
 HF = "hf"
@@ -191,12 +191,9 @@ def ignore_patterns(src: TensorSource, cfg) -> tuple[str, ...]:
 
 def clip_targets(cfg) -> dict:
     """``{path: ShapeDtypeStruct}`` of the ``CLIPVisionEncoder`` parameters (built abstractly)."""
-    from flax import nnx
-
     from wanjax.models.clip import CLIPVisionEncoder
 
-    abstract = nnx.eval_shape(lambda: CLIPVisionEncoder(cfg, rngs=nnx.Rngs(0)))
-    return flatten_params(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    return abstract_params(CLIPVisionEncoder, cfg)
 
 
 def resolve_config(src: TensorSource, preset: str):

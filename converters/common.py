@@ -332,6 +332,19 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict:
     return root
 
 
+def abstract_params(model_cls, cfg) -> dict[str, Any]:
+    """``{'a/b/c': ShapeDtypeStruct}`` of ``model_cls(cfg, rngs=...)``'s ``nnx.Param``s, built with
+    ``nnx.eval_shape`` (no parameter memory): the conversion targets of a model."""
+    import jax
+    from flax import nnx
+
+    import wanjax  # noqa: F401  (flax config: no eager sharding)
+
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    flat = flatten_params(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
+
+
 def check_plan(src: TensorSource, plan: Sequence[Assign], targets: Mapping[str, Any],
                ignore: Iterable[str] = ()) -> None:
     """Strict key checks before any data is read: every source key used, every target filled."""

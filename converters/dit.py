@@ -167,16 +167,9 @@ def dit_plan(src: common.TensorSource, cfg, prefix: str = "") -> list[Assign]:
 
 def abstract_targets(cfg, prefix: str = "") -> dict:
     """{param path: ShapeDtypeStruct} of a WanDiT built abstractly."""
-    import jax
-    from flax import nnx
-
-    import wanjax  # noqa: F401  (flax config)
     from wanjax.models.dit import WanDiT
 
-    model = nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0)))
-    tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    flat = common.flatten_params(tree)
-    return {prefix + k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
+    return {prefix + k: v for k, v in common.abstract_params(WanDiT, cfg).items()}
 
 
 def load_source(path) -> tuple[common.TensorSource, dict | None]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.common import (Assign, ConversionError, TensorSource, conv_t, convert, flatten_params,
+from converters.common import (Assign, ConversionError, TensorSource, conv_t, convert, abstract_params,
                                linear_t, open_tensor_source, strip_wrappers)
 
 log = logging.getLogger("wanjax.convert.pose")
@@ -66,13 +66,9 @@ def pose_plan(src: TensorSource, cfg, prefix: str = "", *, src_prefix: str = "")
 
 def pose_targets(cfg, prefix: str = "") -> dict:
     """``{path: ShapeDtypeStruct}`` of the ``PoseConditioner`` parameters (built abstractly)."""
-    from flax import nnx
-
     from wanjax.models.pose import PoseConditioner
 
-    abstract = nnx.eval_shape(lambda: PoseConditioner(cfg, rngs=nnx.Rngs(0)))
-    flat = flatten_params(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    return {_join(prefix, k): v for k, v in flat.items()}
+    return {_join(prefix, k): v for k, v in abstract_params(PoseConditioner, cfg).items()}
 
 
 def normalize_source(src: TensorSource) -> TensorSource:

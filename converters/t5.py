@@ -149,13 +149,10 @@ def t5_plan(src: TensorSource, cfg) -> list[Assign]:
 
 def t5_targets(cfg) -> dict:
     """``{path: ShapeDtypeStruct}`` of the ``T5Encoder`` parameters (built abstractly)."""
-    from flax import nnx
-
-    from converters.common import flatten_params
+    from converters.common import abstract_params
     from wanjax.models.t5 import T5Encoder
 
-    abstract = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)))
-    return flatten_params(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    return abstract_params(T5Encoder, cfg)
 
 
 def resolve_config(src: TensorSource, preset: str):

@@ -175,13 +175,10 @@ def vae_plan(src: TensorSource, cfg) -> list[Assign]:
 
 def vae_targets(cfg) -> dict:
     """``{path: ShapeDtypeStruct}`` of the ``WanVAE`` parameters (built abstractly)."""
-    from flax import nnx
-
-    from converters.common import flatten_params
+    from converters.common import abstract_params
     from wanjax.models.vae import WanVAE
 
-    abstract = nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0)))
-    return flatten_params(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    return abstract_params(WanVAE, cfg)
 
 
 def resolve_config(src: TensorSource, preset: str):
