@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from wanjax.checkpoint import flatten_params, unflatten_params  # noqa: F401  (re-exported)
+
 log = logging.getLogger("wanjax.convert")
 
 
@@ -307,29 +309,6 @@ class Assign:
     def __post_init__(self):
         if isinstance(self.sources, str):
             object.__setattr__(self, "sources", (self.sources,))
-
-
-def flatten_params(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    """Nested pure dict -> {'a/b/c': leaf}."""
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flatten_params(v, path))
-        else:
-            out[path] = v
-    return out
-
-
-def unflatten_params(flat: Mapping[str, Any]) -> dict:
-    root: dict = {}
-    for path, v in flat.items():
-        node = root
-        parts = path.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return root
 
 
 def abstract_params(model_cls, cfg) -> dict[str, Any]:

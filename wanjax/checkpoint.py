@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -75,8 +75,8 @@ def restore_params(model: nnx.Module, ckpt_dir: str | os.PathLike, mesh: Mesh | 
         raise CheckpointError(f"{ckpt_dir}: no params/ directory (is this a converted wanjax checkpoint?)")
     ckptr = ocp.StandardCheckpointer()
     meta = ckptr.metadata(path)
-    saved = _flat(_meta_tree(meta))
-    want = _flat(abstract)
+    saved = flatten_params(_meta_tree(meta))
+    want = flatten_params(abstract)
     problems = []
     for k, spec in want.items():
         if k not in saved:
@@ -112,14 +112,28 @@ def _meta_tree(meta) -> Any:
     return tree
 
 
-def _flat(tree, prefix=""):
+def flatten_params(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested pure dict -> {'a/b/c': leaf} (the path form used by converter plans)."""
     out = {}
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}/{k}" if prefix else str(k)))
-    else:
-        out[prefix] = tree
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten_params(v, path))
+        else:
+            out[path] = v
     return out
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict:
+    """{'a/b/c': leaf} -> nested dict (inverse of :func:`flatten_params`)."""
+    root: dict = {}
+    for path, v in flat.items():
+        node = root
+        parts = path.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return root
 
 
 def _unflat_like(template, flat_saved):

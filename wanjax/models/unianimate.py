@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 import wanjax  # noqa: F401  (flax config)
+from wanjax.checkpoint import flatten_params
 from wanjax.models.dit import PRESETS as DIT_PRESETS
 from wanjax.models.dit import CrossKV, KVCache, WanDiT, WanDiTConfig
 from wanjax.models.pose import PoseConditioner, PoseConfig
@@ -247,17 +248,6 @@ def build_pose_dit(cfg: PoseDiTConfig | Mapping, rngs: nnx.Rngs | None = None) -
 # ----------------------------------------------------------------------------------------------
 # Student initialisation from a plain backbone
 # ----------------------------------------------------------------------------------------------
-def _flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        p = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(_flat(v, p))
-        else:
-            out[p] = v
-    return out
-
-
 # parameters a widened student has and a T2V backbone lacks: the I2V image branch
 _I2V_ONLY = ("img_emb/", "blocks/cross_attn/k_img/", "blocks/cross_attn/v_img/", "blocks/cross_attn/norm_k_img/")
 
@@ -275,10 +265,10 @@ def init_student_from_backbone(student: PoseDiT, backbone_params) -> PoseDiT:
     """
     if isinstance(backbone_params, nnx.State):
         backbone_params = nnx.to_pure_dict(backbone_params)
-    src = _flat(backbone_params)
+    src = flatten_params(backbone_params)
     scfg = student.cfg.dit
     dst_state = nnx.state(student, nnx.Param)
-    dst = _flat(nnx.to_pure_dict(dst_state))
+    dst = flatten_params(nnx.to_pure_dict(dst_state))
     out = dict(dst)
     problems = []
     for k, v in src.items():
@@ -338,4 +328,4 @@ def _rebuild(template: Mapping, flat: Mapping[str, Any], prefix: str = "") -> di
 
 def param_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
     """``{path: np.ndarray}`` of a model's ``nnx.Param`` state (test / debugging helper)."""
-    return {k: np.asarray(v) for k, v in _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    return {k: np.asarray(v) for k, v in flatten_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
