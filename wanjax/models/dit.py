@@ -248,7 +248,9 @@ class CrossKV(NamedTuple):
     v_img: jax.Array | None
 
 
-class SelfAttention(nnx.Module):
+class _Projections(nnx.Module):
+    """q, k, v, o (D -> D) and the full-width RMSNorms on q and k, shared by both attentions."""
+
     def __init__(self, cfg: WanDiTConfig, *, rngs, param_dtype):
         D = cfg.dim
         self.q = Linear(D, D, rngs=rngs, axes=("embed", "heads"), param_dtype=param_dtype)
@@ -259,6 +261,8 @@ class SelfAttention(nnx.Module):
         self.norm_k = RMSNorm(D, eps=cfg.eps, param_dtype=param_dtype)
         self.num_heads = cfg.num_heads
 
+
+class SelfAttention(_Projections):
     def qkv(self, x, cos, sin):
         B, L, D = x.shape
         H = self.num_heads
@@ -277,22 +281,16 @@ class SelfAttention(nnx.Module):
         return self.o(o.reshape(B, L, H * Dh))
 
 
-class CrossAttention(nnx.Module):
+class CrossAttention(_Projections):
     def __init__(self, cfg: WanDiTConfig, *, rngs, param_dtype):
+        super().__init__(cfg, rngs=rngs, param_dtype=param_dtype)
         D = cfg.dim
-        self.q = Linear(D, D, rngs=rngs, axes=("embed", "heads"), param_dtype=param_dtype)
-        self.k = Linear(D, D, rngs=rngs, axes=("embed", "heads"), param_dtype=param_dtype)
-        self.v = Linear(D, D, rngs=rngs, axes=("embed", "heads"), param_dtype=param_dtype)
-        self.o = Linear(D, D, rngs=rngs, axes=("heads", "embed"), param_dtype=param_dtype)
-        self.norm_q = RMSNorm(D, eps=cfg.eps, param_dtype=param_dtype)
-        self.norm_k = RMSNorm(D, eps=cfg.eps, param_dtype=param_dtype)
         if cfg.i2v:
             self.k_img = Linear(D, D, rngs=rngs, axes=("embed", "heads"), param_dtype=param_dtype)
             self.v_img = Linear(D, D, rngs=rngs, axes=("embed", "heads"), param_dtype=param_dtype)
             self.norm_k_img = RMSNorm(D, eps=cfg.eps, param_dtype=param_dtype)
         else:
             self.k_img = self.v_img = self.norm_k_img = None
-        self.num_heads = cfg.num_heads
 
     def kv(self, text: jax.Array, img: jax.Array | None) -> CrossKV:
         """text [B, 512, D], img [B, N, D] or None (compute dtype) -> CrossKV."""
