@@ -119,10 +119,8 @@ def main(argv=None):
                 ("peak RSS (VmHWM, incl. file-backed pages)", f"{peak / 1024:.2f} GiB"),
                 ("peak anonymous RSS (sampled RssAnon)", f"{anon / 1024:.2f} GiB"),
                 ("peak RSS / source size", f"{peak / 1024 / (size / 2**30):.2f}")]
-        wd = max(len(k) for k, _ in rows)
-        print("\n== bench.convert ==")
-        for k, v in rows:
-            print(f"{k:<{wd}}  {v}")
+        from bench.common import print_table
+        print_table("convert", rows)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

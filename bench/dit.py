@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 import wanjax  # noqa: F401
+from bench.common import peak_bytes, print_table
 from wanjax.models import dit as dit_lib
 
 STUDENT_T = (1000.0, 937.5, 833.3333, 625.0)  # shift-5 warp of [1000, 750, 500, 250]
@@ -45,13 +46,6 @@ def make_block_fn(graphdef, nfb: int, skip_context: bool = False):
         return x0, cache
 
     return jax.jit(block, donate_argnums=(4,))
-
-
-def peak_bytes() -> float | None:
-    try:
-        return jax.devices()[0].memory_stats().get("peak_bytes_in_use")
-    except Exception:
-        return None
 
 
 def main(argv=None):
@@ -140,10 +134,7 @@ def main(argv=None):
         ("peak memory (GiB)", "n/a" if peak is None else f"{peak / 2**30:.2f}"),
         ("output finite", str(finite)),
     ]
-    width = max(len(r[0]) for r in rows)
-    print("\n== bench.dit ==")
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print_table("dit", rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"per_block_s": per_block, "total_s": sum(per_block), "totals": totals,

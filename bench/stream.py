@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 import wanjax  # noqa: F401
+from bench.common import peak_bytes, print_table
 from bench.dit import make_block_fn
 from wanjax.models import dit as dit_lib
 from wanjax.models.vae import StreamingDecoder, VAEConfig, get_vae_config, init_vae
@@ -78,10 +79,7 @@ def main(argv=None):
     t_compile = time.perf_counter() - tc
     results = [run() for _ in range(args.repeats)]
     total, first, per_block, nframes = min(results, key=lambda r: r[0])
-    try:
-        peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use")
-    except Exception:
-        peak = None
+    peak = peak_bytes()
     rows = [("device", str(jax.devices()[0].device_kind)),
             ("frames", f"{nframes} at {args.height}x{args.width} ({F} latent frames, {nblocks} blocks)"),
             ("end to end (s)", f"{total:.3f}  ->  {nframes / total:.1f} FPS"),
@@ -89,10 +87,7 @@ def main(argv=None):
             ("per block DiT+VAE (ms)", " ".join(f"{1e3 * x:.0f}" for x in per_block)),
             ("first run incl. compile (s)", f"{t_compile:.1f}"),
             ("peak memory (GiB)", "n/a" if peak is None else f"{peak / 2**30:.2f}")]
-    wd = max(len(k) for k, _ in rows)
-    print("\n== bench.stream ==")
-    for k, v in rows:
-        print(f"{k:<{wd}}  {v}")
+    print_table("stream", rows)
     return 0
 
 

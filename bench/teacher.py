@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 import wanjax  # noqa: F401
+from bench.common import peak_bytes, print_table
 from wanjax.models import dit as dit_lib
 
 
@@ -80,10 +81,7 @@ def main(argv=None):
         times.append(time.perf_counter() - tb)
     tf = float(np.median(times))
     flops = forward_flops(cfg, tokens, 512 + (257 if cfg.i2v else 0))
-    try:
-        peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use")
-    except Exception:
-        peak = None
+    peak = peak_bytes()
     rows = [
         ("device", str(jax.devices()[0].device_kind)),
         ("model", f"{args.preset}, {cfg.num_layers} layers, {nparams / 1e9:.2f} B params, {cfg.dtype}, attention={cfg.backend()}"),
@@ -98,10 +96,7 @@ def main(argv=None):
         ("peak memory (GiB)", "n/a" if peak is None else f"{peak / 2**30:.1f}"),
         ("output finite", str(bool(jnp.isfinite(out).all()))),
     ]
-    wd = max(len(r[0]) for r in rows)
-    print("\n== bench.teacher ==")
-    for k, v in rows:
-        print(f"{k:<{wd}}  {v}")
+    print_table("teacher", rows)
     return 0
 
 

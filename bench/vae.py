@@ -23,16 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.common import peak_bytes, print_table
 from wanjax.models.vae import (StreamingDecoder, decoder_layers, get_vae_config, init_vae,
                                jit_decode, set_conv_impl)
-
-
-def peak_bytes() -> float | None:
-    try:
-        stats = jax.devices()[0].memory_stats()
-        return None if stats is None else stats.get("peak_bytes_in_use")
-    except Exception:
-        return None
 
 
 def decoder_flops(cfg, n_lat: int, h: int, w: int, first: bool) -> float:
@@ -169,10 +162,7 @@ def main(argv=None) -> int:
         *rows_full,
         ("init (s)", f"{t_init:.1f}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print("\n== bench.vae ==")
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print_table("vae", rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"per_block_s": per_block, "stream_total_s": sum(per_block),
