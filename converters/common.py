@@ -370,8 +370,6 @@ def materialize(src: TensorSource, plan: Sequence[Assign], targets: Mapping[str,
                 dtype=None, workdir: Path | None = None, progress: bool = False) -> dict[str, np.ndarray]:
     """Run a checked plan. With ``workdir`` the targets are disk-backed ``np.memmap`` buffers (peak
     memory ~ one tensor); without, plain arrays. Returns ``{path: array}``."""
-    import ml_dtypes  # shipped with jax
-
     out: dict[str, np.ndarray] = {}
 
     def buffer(t: str) -> np.ndarray:
@@ -405,34 +403,18 @@ def materialize(src: TensorSource, plan: Sequence[Assign], targets: Mapping[str,
         else:
             buf[a.index] = val.astype(buf.dtype)
         del arrays, val
-    if isinstance(dtype, str) and dtype == "bfloat16":
-        _ = ml_dtypes.bfloat16
     return out
 
 
 def write_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, np.ndarray], config: dict,
                      *, overwrite: bool = False) -> Path:
-    """Atomically write ``config.json`` + Orbax ``params/`` to ``out_dir``."""
-    import orbax.checkpoint as ocp
+    """Atomically write ``config.json`` + Orbax ``params/`` ({path: array}) to ``out_dir``."""
+    from wanjax.checkpoint import write_params
 
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; pass --overwrite or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tree = unflatten_params(dict(params))
-        # bound the bytes Orbax has in flight, so a disk-backed 57 GB tree saves in a few GB of RAM
-        ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=2))  # synchronous
-        ckptr.save(tmp / "params", args=ocp.args.StandardSave(tree))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_params(out, unflatten_params(dict(params)), config, overwrite=overwrite)
 
 
 def convert(src: TensorSource, plan: Sequence[Assign], targets: Mapping[str, Any], out_dir,

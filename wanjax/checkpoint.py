@@ -33,8 +33,9 @@ def read_config(ckpt_dir: str | os.PathLike) -> dict:
     return json.loads(p.read_text())
 
 
-def save_model(model: nnx.Module, out_dir: str | os.PathLike, config: dict, *, overwrite: bool = False) -> Path:
-    """Write the model's ``nnx.Param`` state and ``config`` atomically."""
+def write_params(out_dir: str | os.PathLike, params: Mapping, config: dict, *, overwrite: bool = False) -> Path:
+    """Atomically write ``config.json`` + Orbax ``params/`` (a nested pure dict of arrays, numpy
+    memmaps included) to ``out_dir``: everything goes to a temporary sibling, renamed at the end."""
     import orbax.checkpoint as ocp
 
     out = Path(out_dir).absolute()
@@ -43,10 +44,9 @@ def save_model(model: nnx.Module, out_dir: str | os.PathLike, config: dict, *, o
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "params", params)
-        ckptr.wait_until_finished()
+        # synchronous save with a bound on the bytes Orbax has in flight
+        ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=2))
+        ckptr.save(tmp / "params", args=ocp.args.StandardSave(params))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if out.exists():
             shutil.rmtree(out)
@@ -55,6 +55,11 @@ def save_model(model: nnx.Module, out_dir: str | os.PathLike, config: dict, *, o
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_model(model: nnx.Module, out_dir: str | os.PathLike, config: dict, *, overwrite: bool = False) -> Path:
+    """Write the model's ``nnx.Param`` state and ``config`` atomically."""
+    return write_params(out_dir, nnx.to_pure_dict(nnx.state(model, nnx.Param)), config, overwrite=overwrite)
 
 
 def restore_params(model: nnx.Module, ckpt_dir: str | os.PathLike, mesh: Mesh | None = None,

@@ -207,7 +207,7 @@ def _modulate(x_norm: jax.Array, shift: jax.Array, scale: jax.Array, num_frames:
 
 
 def _gate(y: jax.Array, gate: jax.Array, num_frames: int) -> jax.Array:
-    return (_per_frame(y.astype(F32), num_frames) * gate[:, :, None]).reshape(y.shape[:2] + (y.shape[-1],))
+    return (_per_frame(y.astype(F32), num_frames) * gate[:, :, None]).reshape(y.shape)
 
 
 # ----------------------------------------------------------------------------------------------
