@@ -40,7 +40,6 @@ def _base() -> ml_collections.ConfigDict:
     c.clip_dir = ""
     c.t5_dir = ""
     c.tokenizer_dir = ""
-    c.prompt = ""                     # unused (prompts come from the manifest); kept for the shared loaders
     c.negative_prompt = UA_NEGATIVE
     c.prompt_embeds_path = ""         # .npz {prompt, negative}: skips T5 (all rows must share one prompt)
     c.height = 480

@@ -300,3 +300,39 @@ def test_trajectory_recorder_exact_euler_path_and_unipc_nearest_state():
         np.testing.assert_array_equal(np.asarray(rec.stack()[j]), np.asarray(seen[k]))
     with pytest.raises(RuntimeError, match="were not recorded"):
         TrajectoryRecorder(uplan, usig).stack()
+
+
+def test_text_contexts_encode_each_prompt_once(monkeypatch, tmp_path):
+    import types
+
+    import jax.numpy as jnp
+
+    from configs.teacher import get_config
+    from wanjax.distill.targets import text_contexts
+    from wanjax.pipeline import PipelineError
+
+    calls = []
+
+    class FakeT5:  # rows [0, len(prompt)) non-zero, zero padding after, as TextEncoder.encode
+        cfg = types.SimpleNamespace(dim=4)
+
+        def encode(self, prompts):
+            calls.append(list(prompts))
+            out = np.zeros((len(prompts), 8, 4), np.float32)
+            for i, p in enumerate(prompts):
+                out[i, :min(len(p), 8)] = ord(p[0])
+            return jnp.asarray(out)
+
+    monkeypatch.setattr("wanjax.text.load_text_encoder", lambda *a, **k: FakeT5())
+    cfg = get_config("tiny")
+    cfg.ckpt_dir = str(tmp_path)
+    ctx, neg = text_contexts(cfg, ["a", "bb", "a", "ccc"], 8, 4, need_negative=True, chunk=2)
+    assert calls == [["a", "bb"], ["ccc"], [cfg.negative_prompt]]
+    assert {p: c.shape for p, c in ctx.items()} == {"a": (1, 4), "bb": (2, 4), "ccc": (3, 4)}
+    assert neg.shape == (8, 4) and (ctx["bb"] == ord("b")).all()
+    cfg.prompt_embeds_path = str(tmp_path / "text.npz")
+    np.savez(cfg.prompt_embeds_path, prompt=np.ones((3, 4), np.float32))
+    ctx, neg = text_contexts(cfg, ["a", "a"], 8, 4, need_negative=True)
+    assert ctx["a"].shape == (3, 4) and neg.shape == (8, 4) and not neg.any()
+    with pytest.raises(PipelineError, match=r"text.npz holds one prompt embedding but the manifest rows have 2"):
+        text_contexts(cfg, ["a", "b"], 8, 4, need_negative=False)

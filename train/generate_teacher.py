@@ -12,6 +12,7 @@ skipped. Output format: wanjax/data/targets.py; generation: wanjax/distill/targe
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -43,8 +44,10 @@ def parse_config(argv: list[str]):
     try:
         rest = fv(argv)
     except flags.Error as e:
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        raise UsageError(f"{lines[0].split(':', 1)[0]}: {lines[-1].strip()}" if len(lines) > 1 else str(e)) from None
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        if len(lines) > 1:  # an exception inside get_config: absl wraps its traceback; keep the message
+            raise UsageError(f"--config {spec}: {re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', lines[-1])}") from None
+        raise UsageError(str(e)) from None
     except (AttributeError, KeyError) as e:
         raise UsageError(f"--config override names an unknown field {e}; see {path}") from None
     if len(rest) > 1:
