@@ -46,7 +46,7 @@ def _base() -> ml_collections.ConfigDict:
     c.t5_dtype = "bfloat16"
     c.sampler = ml_collections.ConfigDict(dict(name="euler", steps=50, shift=5.0, cfg_scale=1.5,
                                                student_steps=(1000, 750, 500, 250)))
-    c.conditioning = ml_collections.ConfigDict(dict(mode="unianimate", y_frames=21))
+    c.conditioning = ml_collections.ConfigDict(dict(mode="pose+image", y_frames=21))
     c.model = ml_collections.ConfigDict(dict(expect={}, num_frame_per_block=3, local_attn_size=-1,
                                              sink_size=0, max_frames=21))
     c.window = ml_collections.ConfigDict(dict(size=21, overlap=4))

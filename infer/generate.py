@@ -199,11 +199,11 @@ def run(cfg, ref: str, pose: str, out: str, *, progress: bool = True,
     ctx, neg = P.encode_prompts(cfg, dit_raw.get("text_len", 512), dit_raw["text_dim"], need_negative=need_neg,
                                 mesh=mesh)
     dit = P.load_dit(cfg, mesh)
-    pose_model = P.load_pose(cfg, mesh) if cfg.conditioning.mode != "ref_only" else None
+    pose_model = P.load_pose(cfg, mesh) if cfg.conditioning.mode != "image" else None
     model = P.PoseDiT(dit, pose_model)
     P.check_mode(cfg.conditioning.mode, model)
     vae = P.load_vae(cfg, mesh)
-    clip = P.load_clip(cfg, mesh) if model.uses_clip and cfg.conditioning.mode != "pose_only" else None
+    clip = P.load_clip(cfg, mesh) if model.uses_clip and cfg.conditioning.mode != "pose" else None
     reference = P.make_reference(model, cfg.conditioning.mode, vae=vae, clip=clip, ref_image_u8=ref_img,
                                  ref_pose=ref_pose, y_frames=int(cfg.conditioning.y_frames))
     del clip

@@ -97,7 +97,7 @@ def load_all(cfg):
     vae = P.load_vae(cfg)
     clip = P.load_clip(cfg) if model.uses_clip else None
     ref_pose = np.asarray(pose_frames(1, 9)[0:1], np.float32) / 255.0
-    ref = P.make_reference(model, "unianimate", vae=vae, clip=clip, ref_image_u8=ref_image(),
+    ref = P.make_reference(model, "pose+image", vae=vae, clip=clip, ref_image_u8=ref_image(),
                            ref_pose=ref_pose, y_frames=cfg.conditioning.y_frames)
     ctx, neg = P.encode_prompts(cfg, 512, dit.cfg.text_dim, need_negative=True)
     return model, vae, ref, ctx, neg
@@ -137,6 +137,14 @@ def test_student_stream_equals_batch_and_seeds(student):
     # interactive: pose frames arrive one by one from an iterator -> same result
     inter = pipe.generate(ctx, iter(list(poses)), reference=ref, num_frames=33, seed=7)
     np.testing.assert_allclose(np.asarray(inter["latents"]), np.asarray(batch["latents"]), atol=2e-5)
+    # the per-block pose tokens (a window with a 2-latent halo) equal encoding the whole video at once
+    from wanjax.pipeline import pad_pose
+    from wanjax.pipeline.student import _PoseFeed
+    feed = _PoseFeed(pipe.model, poses, 9, 3)
+    per_block = np.concatenate([np.asarray(feed.tokens(b)) for b in range(3)], axis=1)
+    whole_tok = np.asarray(pipe.model.pose_tokens(pad_pose(poses[:33])))
+    assert per_block.shape == whole_tok.shape
+    np.testing.assert_allclose(per_block, whole_tok, atol=1e-5)  # fp32 convs, summation order only
     # same seed -> same, other seed -> different
     other = pipe.generate(ctx, poses, reference=ref, num_frames=33, seed=8)
     assert float(jnp.abs(other["latents"] - batch["latents"]).mean()) > 1e-2
@@ -235,6 +243,17 @@ def test_teacher_cfg_windows_and_determinism(tmp_path_factory):
     vn = dit(x, jnp.full((1, 3), 500.0), ckv=ckn, y=y)
     got = pipe._flow(nnx.split(dit)[1], x, 500.0, ckp, ckn, y, tok)
     np.testing.assert_allclose(np.asarray(got), np.asarray(vn + 1.5 * (vp - vn)), atol=1e-4)
+    # CFG parallel: on a 2-device mesh (fsdp=2: parameters sharded, the [pos, neg] batch split so
+    # each device runs one branch) the guided flow is the same (summation order only)
+    from wanjax.sharding import make_mesh, shard_model
+    mesh = make_mesh(data=1, fsdp=2, tensor=1, devices=jax.devices()[:2])
+    dit2 = shard_model(nnx.clone(dit), mesh)
+    pipe_m = TeacherPipeline(dit2, None, steps=2, cfg_scale=1.5, mesh=mesh)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    put = lambda a: jax.device_put(a, rep)  # noqa: E731  (batch 1: replicated on the mesh)
+    got_m = pipe_m._flow(nnx.split(dit2)[1], put(x), 500.0, jax.tree.map(put, ckp), jax.tree.map(put, ckn),
+                         put(y), put(tok))
+    np.testing.assert_allclose(np.asarray(got_m), np.asarray(got), atol=1e-4)
     # long video: 9 latents in windows of 6 (starts 0, 3), UniPC
     pipe2 = TeacherPipeline(model, vae, sampler="unipc", steps=2, cfg_scale=1.0, window=6, overlap=2)
     long = pipe2.sample(ctx, None, poses, reference=ref, num_frames=33, seed=1)

@@ -579,23 +579,32 @@ class WanVAE(nnx.Module):
         if chunk < 1:
             raise ValueError(f"WanVAE.decode: chunk must be >= 1, got {chunk}")
         first, cache = self.decode_chunk(z[:, :chunk], INIT, True)
-        n_mid = (t - chunk) // chunk
-        outs = [first]
-        if n_mid:
-            zs = z[:, chunk:chunk + n_mid * chunk]
-            zs = zs.reshape((zs.shape[0], n_mid, chunk) + zs.shape[2:]).swapaxes(0, 1)
+        rest, _ = self.decode_continue(z[:, chunk:], cache, chunk)
+        return jnp.concatenate([first, rest], axis=1)
 
-            def body(c, zc):
-                y, c = self.decode_chunk(zc, c, False)
-                return c, y
+    def decode_continue(self, z: jax.Array, cache, chunk: int):
+        """Continue a causal decode: z [B,n,h,w,z_dim] after ``cache`` -> (video [B, 4n, 8h, 8w, 3],
+        cache), ``chunk`` latent frames per step (a ``lax.scan`` over equal chunks, then any
+        remainder), so activations are bounded by one chunk whatever n is."""
+        t = z.shape[1]
+        chunk = max(1, min(chunk, t))
+        n_mid = t // chunk
+        outs = []
+        zs = z[:, :n_mid * chunk]
+        zs = zs.reshape((zs.shape[0], n_mid, chunk) + zs.shape[2:]).swapaxes(0, 1)
 
-            cache, ys = jax.lax.scan(body, cache, zs)          # ys [n_mid, B, 4*chunk, H, W, 3]
-            ys = ys.swapaxes(0, 1)
-            outs.append(ys.reshape((ys.shape[0], -1) + ys.shape[3:]))
-        rest = t - chunk - n_mid * chunk
+        def body(c, zc):
+            y, c = self.decode_chunk(zc, c, False)
+            return c, y
+
+        cache, ys = jax.lax.scan(body, cache, zs)          # ys [n_mid, B, 4*chunk, H, W, 3]
+        ys = ys.swapaxes(0, 1)
+        outs.append(ys.reshape((ys.shape[0], -1) + ys.shape[3:]))
+        rest = t - n_mid * chunk
         if rest:
-            outs.append(self.decode_chunk(z[:, t - rest:], cache, False)[0])
-        return jnp.concatenate(outs, axis=1)
+            y, cache = self.decode_chunk(z[:, t - rest:], cache, False)
+            outs.append(y)
+        return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,6 +629,16 @@ def jit_decode(vae: WanVAE, chunk: int | None | str = "auto") -> Callable[[jax.A
     return lambda z: fn(state, z)
 
 
+def _as_uint8(fn):
+    """Wrap a ``(..) -> (frames in [-1, 1], cache)`` function to return uint8 frames."""
+
+    def wrapped(*args):
+        frames, cache = fn(*args)
+        return jnp.clip(jnp.round((frames + 1.0) * 127.5), 0, 255).astype(jnp.uint8), cache
+
+    return wrapped
+
+
 class StreamingDecoder:
     """Decode latents block by block with the causal caches carried between calls.
 
@@ -635,21 +654,47 @@ class StreamingDecoder:
     taken at construction (make a new decoder after changing the model's weights).
     """
 
-    def __init__(self, vae: WanVAE):
+    def __init__(self, vae: WanVAE, chunk: int | None = None, uint8: bool = False):
+        """``chunk``: latent frames per decoder pass inside one push (None: the whole block at
+        once). ``chunk=1`` decodes frame by frame in a ``lax.scan`` (as Wan's own decode loop),
+        bounding the activations by one latent frame (4 pixel frames) at the same result.
+        ``uint8``: return frames as uint8 0..255 (rounded half to even on the device, as
+        ``wanjax.videoio.to_uint8``): 4x less to copy to the host, no host-side conversion."""
         self.vae = vae
+        self.chunk = chunk
+        self.uint8 = uint8
         self.graphdef, self.state = _split(vae)
         gd = self.graphdef
 
         def first(st, z):
-            return nnx.merge(gd, st).decode_chunk(z, INIT, True)
+            m = nnx.merge(gd, st)
+            if chunk is None or z.shape[1] <= chunk:
+                return m.decode_chunk(z, INIT, True)
+            y0, cache = m.decode_chunk(z[:, :chunk], INIT, True)
+            y1, cache = m.decode_continue(z[:, chunk:], cache, chunk)
+            return jnp.concatenate([y0, y1], axis=1), cache
 
         def step(st, z, cache):
-            return nnx.merge(gd, st).decode_chunk(z, cache, False)
+            m = nnx.merge(gd, st)
+            if chunk is None or z.shape[1] <= chunk:
+                return m.decode_chunk(z, cache, False)
+            return m.decode_continue(z, cache, chunk)
 
+        if uint8:
+            first, step = _as_uint8(first), _as_uint8(step)
         self._first = jax.jit(first)
         self._step = jax.jit(step, donate_argnums=(2,))
         self.cache = None
         self._shape = None
+
+    def fork(self) -> "StreamingDecoder":
+        """A new, empty stream sharing this decoder's parameters and compiled functions (so a
+        pipeline compiles once and still runs independent streams)."""
+        other = object.__new__(StreamingDecoder)
+        other.__dict__.update(self.__dict__)
+        other.cache = None
+        other._shape = None
+        return other
 
     def reset(self) -> None:
         """Forget the stream; the next ``push`` starts a new video."""
@@ -661,7 +706,8 @@ class StreamingDecoder:
         return self.cache is not None
 
     def push(self, z: jax.Array) -> jax.Array:
-        """z [B,n,h,w,z_dim] -> frames [B, 1+4(n-1) (first push) or 4n, 8h, 8w, 3] float32."""
+        """z [B,n,h,w,z_dim] -> frames [B, 1+4(n-1) (first push) or 4n, 8h, 8w, 3] float32 in [-1, 1]
+        (uint8 0..255 with ``uint8=True``)."""
         self.vae._check_latent(z, "StreamingDecoder.push")
         if self.cache is None:
             frames, self.cache = self._first(self.state, z)

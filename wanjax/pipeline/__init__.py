@@ -10,13 +10,15 @@ over ``WanDiT`` (``.dit``) + ``PoseConditioner`` (``.pose``, optional). ``PoseDi
 an object that already has ``.dit`` and ``.pose`` attributes (``wanjax.models.unianimate.PoseDiT``),
 so switching to that class changes nothing here.
 
-Conditioning (unianimate_dit.md sections 4-6), selected by ``conditioning.mode``:
+Conditioning (unianimate_dit.md sections 4-6), selected by ``conditioning.mode``; the names and
+their meaning are those of :mod:`wanjax.models.unianimate` (``MODES``):
 
-* ``unianimate`` (default): pose tokens (if a pose encoder is loaded); ``y`` = [mask (4) | VAE
-  latent of (ref, grey, grey, ...) (16)] + reference-pose features, when the DiT has
-  ``in_dim = out_dim + 20``; CLIP tokens when the DiT is I2V.
-* ``pose_only``: pose tokens only (the DiT must take plain 16-channel input).
-* ``ref_only``: y / CLIP but no pose tokens (ablation).
+* ``pose+image`` (default): pose tokens; ``y`` = [mask (4) | VAE latent of (ref, grey, grey, ...)
+  (16)] + reference-pose features, when the DiT has ``in_dim = out_dim + 20``; CLIP tokens of the
+  reference image when the DiT is I2V. Needs ``--pose`` and ``--ref``.
+* ``image``: plain Wan I2V, no pose tokens and no reference-pose features. Needs ``--ref``.
+* ``pose``: UniAnimate's image dropout: pose tokens, ``y`` = zeros + reference-pose features, CLIP
+  tokens zero (a T2V DiT gets the pose tokens only). Needs ``--pose``; ``--ref`` is not read.
 
 ``y`` is encoded once for ``y_frames`` latent frames (21 = 81 pixel frames). The VAE encoder is
 causal, so any prefix of it equals the encoding of a shorter grey video; frames past ``y_frames``
@@ -39,11 +41,12 @@ from flax import nnx
 
 import wanjax  # noqa: F401
 from wanjax.models import dit as dit_lib
+from wanjax.models import unianimate as ua
 from wanjax.models.pose import PoseConditioner, PoseConfig
 
 log = logging.getLogger("wanjax.pipeline")
 
-MODES = ("unianimate", "pose_only", "ref_only")
+from wanjax.models.unianimate import DEFAULT_MODE, MODES  # noqa: E402  (one set of mode names)
 Y_CHANNELS = 20  # 4 mask + 16 VAE channels
 UA_NEGATIVE_PROMPT = ("细节模糊不清，字幕，作品，画作，画面，静止，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，"
                       "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，杂乱的背景，三条腿，背景人很多，倒着走")
@@ -58,6 +61,10 @@ class PipelineError(ValueError):
 # ----------------------------------------------------------------------------------------------
 class PoseDiT:
     """``WanDiT`` + optional ``PoseConditioner`` with the few calls the pipelines need."""
+
+    # latent frames per pass of the pose encoder (exact, with a halo): bounds its full-resolution
+    # activations (84 frames of 480x832 at once would hold several GiB)
+    POSE_TIME_CHUNK = 6
 
     def __init__(self, dit: dit_lib.WanDiT, pose: PoseConditioner | None = None):
         self.dit = dit
@@ -90,15 +97,26 @@ class PoseDiT:
         return self.dit.cfg
 
     def pose_tokens(self, pose_video) -> jax.Array:
-        """Pose video [1, 4n, H, W, 3] in [0, 1] (frame 0 repeated 3x) -> tokens [1, n, H/16, W/16, D]
-        in the DiT compute dtype (UA casts them to bf16 before the add)."""
+        """Pose video [1, 4n, H, W, 3] (frame 0 repeated 3x), float in [0, 1] or uint8 0..255 (then
+        divided by 255 on the device: 4x less to transfer) -> tokens [1, n, H/16, W/16, D] in the
+        DiT compute dtype (UA casts them to bf16 before the add)."""
         if self.pose is None:
-            raise PipelineError("this model has no pose encoder (pose_dir); use conditioning.mode=ref_only")
+            raise PipelineError("this model has no pose encoder (pose_dir); use --config.conditioning.mode=image")
         if self._pose_fn is None:
             gd, st = nnx.split(self.pose)
-            fn = jax.jit(lambda s, v: nnx.merge(gd, s).pose_features(v))
+            chunk = self.POSE_TIME_CHUNK
+            cdt = self.cfg.compute_dtype
+
+            def fn(s, v):
+                v = v.astype(jnp.float32) / 255.0 if v.dtype == jnp.uint8 else v.astype(jnp.float32)
+                tok = nnx.merge(gd, s).pose_features(v, time_chunk=chunk if v.shape[1] // 4 > chunk else None)
+                return tok.astype(cdt)
+
+            fn = jax.jit(fn)
+            self._pose_jit, self._pose_state = fn, st
             self._pose_fn = lambda v: fn(st, v)
-        return self._pose_fn(jnp.asarray(pose_video, jnp.float32)).astype(self.cfg.compute_dtype)
+        v = np.asarray(pose_video) if not isinstance(pose_video, jax.Array) else pose_video
+        return self._pose_fn(v if v.dtype == np.uint8 else jnp.asarray(v, jnp.float32))
 
     def ref_pose_features(self, ref_pose) -> jax.Array:
         """[1, H, W, 3] in [0, 1] -> [1, H/8, W/8, 20]."""
@@ -112,12 +130,17 @@ class PoseDiT:
 def check_mode(mode: str, model: PoseDiT) -> None:
     if mode not in MODES:
         raise PipelineError(f"--config.conditioning.mode={mode!r}; choose one of {list(MODES)}")
-    if mode == "pose_only" and (model.uses_y or model.uses_clip):
-        raise PipelineError("--config.conditioning.mode=pose_only needs a T2V DiT (in_dim 16, no CLIP); "
-                            "this checkpoint expects y/CLIP: use mode=unianimate")
-    if mode in ("unianimate", "pose_only") and model.pose is None:
+    if mode in ("pose+image", "pose") and model.pose is None:
         raise PipelineError(f"--config.conditioning.mode={mode} needs pose weights: set --config.pose_dir "
-                            f"(or put pose/ under --config.ckpt_dir), or use mode=ref_only")
+                            f"(or put pose/ under --config.ckpt_dir), or use mode=image")
+    if mode == "image" and not (model.uses_y or model.uses_clip):
+        raise PipelineError("--config.conditioning.mode=image needs an I2V DiT (y / CLIP inputs); this "
+                            "checkpoint is T2V: use mode=pose")
+
+
+def uses_pose(mode: str, model: PoseDiT) -> bool:
+    """Whether ``mode`` feeds pose tokens (``pose+image`` and ``pose``)."""
+    return mode != "image" and model.pose is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,21 +179,33 @@ def build_y(vae, ref_m11: jax.Array, y_frames: int, ref_pose_feat: jax.Array | N
 
 def make_reference(model: PoseDiT, mode: str, *, vae, clip, ref_image_u8: np.ndarray | None,
                    ref_pose: np.ndarray | None, y_frames: int) -> Reference:
-    """y / CLIP for ``mode`` (see the module doc). ``ref_image_u8`` uint8 [H, W, 3] at the video size."""
+    """y / CLIP for ``mode`` (see the module doc). ``ref_image_u8`` uint8 [H, W, 3] at the video size;
+    ``ref_pose`` [1, H, W, 3] in [0, 1] (the reference image's pose drawing) or None."""
     from wanjax.image import encode_image, to_model_range
 
-    if mode == "pose_only":
-        return Reference(None, None)
+    check_mode(mode, model)
+    feat = None
+    if model.uses_y and mode != "image" and ref_pose is not None:
+        feat = model.ref_pose_features(ref_pose)
+    if mode == "pose":
+        if not model.uses_y:
+            return Reference(None, None)
+        if feat is None:
+            raise PipelineError("--config.conditioning.mode=pose needs the reference pose (--ref_pose, "
+                                "or pose.jpg in the pose folder)")
+        h, w = feat.shape[1:3]
+        y = ua.condition_y(jnp.zeros((1, y_frames, h, w, Y_CHANNELS), jnp.float32), feat)
+        clip_fea = None
+        if model.uses_clip:
+            clip_fea = jnp.zeros((1, 257, model.cfg.image_dim), jnp.float32)
+        return Reference(y.astype(model.cfg.compute_dtype), clip_fea)
     if ref_image_u8 is None:
-        raise PipelineError("a reference image (--ref) is needed for this model/mode")
+        raise PipelineError(f"--config.conditioning.mode={mode} needs a reference image (--ref)")
     ref = to_model_range(ref_image_u8)[None]
     y = clip_fea = None
     if model.uses_y:
         if vae is None:
             raise PipelineError("y conditioning needs the VAE (vae_dir)")
-        feat = None
-        if model.pose is not None and mode == "unianimate" and ref_pose is not None:
-            feat = model.ref_pose_features(ref_pose)
         y = build_y(vae, ref, y_frames, feat).astype(model.cfg.compute_dtype)
     if model.uses_clip:
         if clip is None:
@@ -281,10 +316,10 @@ def load_pose(cfg, mesh=None) -> PoseConditioner | None:
 
     d = Path(cfg.pose_dir) if cfg.pose_dir else (Path(cfg.ckpt_dir) / "pose" if cfg.ckpt_dir else None)
     if d is None or not d.exists():
-        if cfg.conditioning.mode == "ref_only":
+        if cfg.conditioning.mode == "image":
             return None
         raise PipelineError(f"pose encoder checkpoint {d} not found: set --config.pose_dir "
-                            f"(python -m converters.pose) or use --config.conditioning.mode=ref_only")
+                            f"(python -m converters.pose) or use --config.conditioning.mode=image")
     raw = _read(d, ("pose_conditioner", "pose"))
     pcfg = dataclasses.replace(PoseConfig.from_dict(raw), remat=False)
     return load_model(d, lambda _c, rngs: PoseConditioner(pcfg, rngs=rngs), mesh, dtype=jnp.float32)
@@ -395,4 +430,4 @@ def free(*objs: Any) -> None:
 
 __all__ = ["PipelineError", "PoseDiT", "Reference", "build_y", "make_reference", "encode_prompts",
            "load_dit", "load_pose", "load_vae", "load_clip", "read_reference", "read_pose_frames",
-           "find_ref_pose", "pad_pose", "latent_frames", "check_mode", "MODES", "UA_NEGATIVE_PROMPT"]
+           "find_ref_pose", "pad_pose", "latent_frames", "check_mode", "uses_pose", "MODES", "DEFAULT_MODE", "UA_NEGATIVE_PROMPT"]

@@ -23,7 +23,8 @@ randomness depends only on (seed, block index), so streaming, batch and interact
 
 Pose tokens and the encoder's lookahead. The pose encoder's receptive field around latent frame i
 is padded pose frames [4i-7, 4i+7] (unianimate_dit.md 3.3): it sees **one latent frame (4 pose
-frames) of future**. With a whole pose video the tokens are computed once per video and sliced. In
+frames) of future**. Tokens are computed per block from a window with a 2-latent halo, which is
+exact (equal to encoding the whole video at once) for a whole pose video as well. In
 interactive mode (pose frames from an iterator) block b (latents [3b, 3b+3)) starts as soon as pose
 frames up to original index 12b+12 exist (or the stream ended); its tokens are computed from padded
 frames [4(3b-2), 4(3b+4)), which is exact: the result equals the whole-video computation. A live
@@ -41,8 +42,7 @@ from flax import nnx
 
 import wanjax  # noqa: F401
 from wanjax import sampling
-from wanjax.pipeline import PipelineError, PoseDiT, Reference, latent_frames
-from wanjax.videoio import to_uint8
+from wanjax.pipeline import PipelineError, PoseDiT, Reference, latent_frames, uses_pose
 
 
 class BlockResult(tuple):
@@ -90,14 +90,15 @@ class _PoseFeed:
             self.frames = a[:need]
             self.iterator = None
             self.ended = True
-            t0 = time.perf_counter()
-            self.all_tokens = jax.block_until_ready(model.pose_tokens(_pad(self.frames)))
-            self.encode_s = time.perf_counter() - t0
+            # tokens are computed per block (exact, with the halo below), not for the whole video
+            # up front: the first block starts sooner and the encoder's activations stay small
+            self.encode_s = 0.0
+            self._buf = list(self.frames)
+            self._shape = self.frames.shape[1:]
         else:
             self.frames = None
             self.iterator = iter(pose)
             self.ended = False
-            self.all_tokens = None
             self.encode_s = 0.0
             self._buf: list[np.ndarray] = []
             self._shape = None
@@ -153,8 +154,6 @@ class _PoseFeed:
 
     def tokens(self, b: int) -> jax.Array:
         s, e = b * self.nfb, (b + 1) * self.nfb
-        if self.all_tokens is not None:
-            return self.all_tokens[:, s:e]
         lo = max(s - self.HALO, 0)
         hi_pad = min(4 * (e + 1), 3 + len(self._buf))  # padded frames available (3 repeats in front)
         if self.num_latent is not None:
@@ -163,16 +162,11 @@ class _PoseFeed:
         padded_lo = 4 * lo
         # padded index p -> original frame max(p - 3, 0)
         idx = np.maximum(np.arange(padded_lo, hi_pad) - 3, 0)
-        window = np.stack([self._buf[i] for i in idx]).astype(np.float32)[None] / 255.0
+        window = np.stack([self._buf[i] for i in idx])[None]  # uint8: scaled to [0, 1] on the device
         t0 = time.perf_counter()
         tok = self.model.pose_tokens(window)
         self.encode_s += time.perf_counter() - t0
         return tok[:, s - lo:e - lo]
-
-
-def _pad(frames_u8: np.ndarray) -> np.ndarray:
-    a = np.concatenate([np.repeat(frames_u8[:1], 3, 0), frames_u8]).astype(np.float32) / 255.0
-    return a[None]
 
 
 class StudentPipeline:
@@ -182,11 +176,15 @@ class StudentPipeline:
       model: ``WanDiT``, :class:`wanjax.pipeline.PoseDiT` or a ``unianimate.PoseDiT``.
       vae: ``WanVAE`` for streaming decode (None: latents only, ``frames`` is None).
       shift, steps: the student schedule (Self-Forcing: 5.0, (1000, 750, 500, 250)).
+      vae_chunk: latent frames per VAE decoder pass inside a block (1: frame by frame, the lowest
+        memory; None: the whole block at once). The frames are the same either way.
     """
 
     def __init__(self, model, vae=None, *, shift: float = 5.0, steps=(1000, 750, 500, 250),
-                 mode: str = "unianimate"):
+                 mode: str = "pose+image", vae_chunk: int | None = 1):
         self.model = PoseDiT.wrap(model)
+        self.vae_chunk = vae_chunk
+        self._decoder = None
         self.dit = self.model.dit
         self.vae = vae
         self.mode = mode
@@ -236,7 +234,7 @@ class StudentPipeline:
         Args:
           context: text context [1, text_len, text_dim].
           pose: uint8 pose frames [T, H, W, 3] (whole video), or an iterable of frames ([H, W, 3]
-            or [n, H, W, 3]) arriving over time (interactive), or None (mode ``ref_only``).
+            or [n, H, W, 3]) arriving over time (interactive), or None (mode ``image``).
           reference: y / CLIP from :func:`wanjax.pipeline.make_reference` (None: no reference).
           num_frames: pixel frames 4k+1 with k+1 a multiple of the block size; None = as many whole
             blocks as the pose frames allow (unbounded for an endless iterator; needs a rolling cache).
@@ -255,7 +253,7 @@ class StudentPipeline:
                 raise PipelineError(f"--num_frames={num_frames} gives {num_latent} latent frames, not a multiple "
                                     f"of the block size {nfb}; use 4*{nfb}*k-3 frames (e.g. "
                                     f"{4 * nfb * max(1, num_latent // nfb) - 3})")
-        use_pose = self.mode != "ref_only" and self.model.pose is not None
+        use_pose = uses_pose(self.mode, self.model)
         if use_pose and pose is None:
             raise PipelineError("this model/mode needs pose frames (--pose)")
         feed = _PoseFeed(self.model, pose, num_latent, nfb) if use_pose else None
@@ -284,8 +282,10 @@ class StudentPipeline:
         base = jax.random.key(seed)
         decoder = None
         if decode:
-            from wanjax.models.vae import StreamingDecoder
-            decoder = StreamingDecoder(self.vae)
+            if self._decoder is None:  # compiled once per pipeline; each stream gets its own caches
+                from wanjax.models.vae import StreamingDecoder
+                self._decoder = StreamingDecoder(self.vae, chunk=self.vae_chunk, uint8=True)
+            decoder = self._decoder.fork()
         b = 0
         first_latency = None
         while True:
@@ -309,7 +309,7 @@ class StudentPipeline:
             t_dec = 0.0
             if decoder is not None:
                 tc = time.perf_counter()
-                frames = to_uint8(jax.device_get(decoder.push(x0))[0])
+                frames = np.asarray(jax.device_get(decoder.push(x0))[0])  # uint8, made on device
                 t_dec = time.perf_counter() - tc
             now = time.perf_counter()
             if first_latency is None:

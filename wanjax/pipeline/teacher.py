@@ -6,7 +6,9 @@
   Defaults (unianimate_dit.md 8): 50 steps, shift 5, CFG 1.5.
 * CFG (unianimate_dit.md 6): ``v = v_neg + s (v_pos - v_neg)``; the positive branch has the prompt,
   CLIP, y (with the reference pose) and the pose tokens; the **negative branch uses the negative
-  prompt and drops the pose tokens but keeps CLIP and y**. ``cfg_scale == 1`` skips it.
+  prompt and drops the pose tokens but keeps CLIP and y**. ``cfg_scale == 1`` skips it. Both
+  branches run as one batch of 2 (``cfg_batch``, default): one launch per step, and on a mesh with
+  2 devices on (data, fsdp) each device computes one branch ("CFG parallel", ~2x on 2 GPUs).
 * Long videos (unianimate_dit.md 9): windows of ``window`` (21) latent frames starting at 0, 17, 34,
   ... (stride window - overlap) while start < N - overlap, the last window forced to [N - 21, N).
   Every window is evaluated at every step on the current latents with its own pose tokens (pixel
@@ -33,8 +35,7 @@ from flax import nnx
 
 import wanjax  # noqa: F401
 from wanjax import sampling
-from wanjax.pipeline import PipelineError, PoseDiT, Reference, latent_frames, pad_pose
-from wanjax.videoio import to_uint8
+from wanjax.pipeline import PipelineError, PoseDiT, Reference, latent_frames, pad_pose, uses_pose
 
 
 def window_starts(num_latent: int, size: int = 21, overlap: int = 4) -> list[int]:
@@ -52,7 +53,7 @@ def window_starts(num_latent: int, size: int = 21, overlap: int = 4) -> list[int
 class TeacherPipeline:
     def __init__(self, model, vae=None, *, sampler: str = "euler", steps: int = 50, shift: float = 5.0,
                  cfg_scale: float = 1.5, window: int = 21, overlap: int = 4, mesh=None,
-                 mode: str = "unianimate"):
+                 mode: str = "pose+image", cfg_batch: bool = True):
         if sampler not in ("euler", "unipc"):
             raise PipelineError(f"--config.sampler.name={sampler!r}; choose euler (UniAnimate) or unipc (Wan)")
         self.model = PoseDiT.wrap(model)
@@ -65,15 +66,27 @@ class TeacherPipeline:
         self.mode = mode
         gd, self._state = nnx.split(self.dit)
         scale = self.cfg_scale
+        self.cfg_batch = cfg_batch = bool(cfg_batch)
 
         def flow(state, x, t, ckv_pos, ckv_neg, y, pose):
             m = nnx.merge(gd, state)
             tt = jnp.full(x.shape[:2], t, jnp.float32)
-            v_pos = m(x, tt, ckv=ckv_pos, y=y, pose=pose)
             if ckv_neg is None:
-                return v_pos
-            v_neg = m(x, tt, ckv=ckv_neg, y=y, pose=None)  # asymmetric: no pose tokens, same y/CLIP
-            return sampling.cfg(v_neg, v_pos, scale)
+                return m(x, tt, ckv=ckv_pos, y=y, pose=pose)
+            if not cfg_batch:
+                v_pos = m(x, tt, ckv=ckv_pos, y=y, pose=pose)
+                v_neg = m(x, tt, ckv=ckv_neg, y=y, pose=None)  # asymmetric: no pose, same y/CLIP
+                return sampling.cfg(v_neg, v_pos, scale)
+            # Both branches as one batch of 2 [pos, neg]: the negative gets zero pose tokens (the
+            # tokens are added to the patch embedding, so zeros == no pose). On a mesh the batch is
+            # sharded over (data, fsdp): 2 devices run one branch each.
+            B = x.shape[0]
+            x2 = self._constrain(jnp.concatenate([x, x]))
+            ckv2 = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), ckv_pos, ckv_neg)
+            y2 = None if y is None else self._constrain(jnp.concatenate([y, y]))
+            p2 = None if pose is None else self._constrain(jnp.concatenate([pose, jnp.zeros_like(pose)]))
+            v = m(x2, jnp.concatenate([tt, tt]), ckv=ckv2, y=y2, pose=p2)
+            return sampling.cfg(v[B:], v[:B], scale)
 
         self._flow = jax.jit(flow)
         self._ckv = jax.jit(lambda st, c, f: nnx.merge(gd, st).context_kv(c, f))
@@ -83,6 +96,15 @@ class TeacherPipeline:
             sig = sampling.euler_sigmas(self.steps, self.shift)
             return sig, (sig[:-1] * 1000.0).astype(np.float32)
         return sampling.unipc_schedule(self.steps, self.shift)
+
+    def _constrain(self, a):
+        """Inside jit: pin a [B, ...] activation batch-sharded on the mesh (no-op without one)."""
+        if self.mesh is None:
+            return a
+        from wanjax.sharding import named_sharding
+
+        axes = ("batch",) + (None,) * (a.ndim - 1)
+        return jax.lax.with_sharding_constraint(a, named_sharding(self.mesh, *axes, shape=a.shape))
 
     def _place(self, a):
         if a is None or self.mesh is None:
@@ -97,14 +119,14 @@ class TeacherPipeline:
                progress: Callable[[int, int], None] | None = None) -> dict:
         """Denoise; returns ``latents`` [1, F, h, w, C] and ``timings``.
 
-        ``pose``: uint8 [T >= num_frames, H, W, 3] at the video size (None in ``ref_only`` mode, then
+        ``pose``: uint8 [T >= num_frames, H, W, 3] at the video size (None in ``image`` mode, then
         pass ``size``). ``negative``: negative-prompt context (needed when cfg_scale != 1).
         """
         cfg = self.dit.cfg
         t0 = time.perf_counter()
         reference = reference or Reference(None, None)
         F = latent_frames(num_frames)
-        use_pose = self.mode != "ref_only" and self.model.pose is not None
+        use_pose = uses_pose(self.mode, self.model)
         if use_pose:
             if pose is None:
                 raise PipelineError("this model/mode needs pose frames (--pose)")
@@ -174,10 +196,12 @@ class TeacherPipeline:
 
         if self.vae is None:
             raise PipelineError("decoding needs a VAE")
-        dec = StreamingDecoder(self.vae)
+        if getattr(self, "_decoder", None) is None:  # compiled once per pipeline
+            self._decoder = StreamingDecoder(self.vae, chunk=1, uint8=True)
+        dec = self._decoder.fork()
         for i, s in enumerate(range(0, latents.shape[1], chunk)):
             t0 = time.perf_counter()
-            fr = to_uint8(jax.device_get(dec.push(latents[:, s:s + chunk]))[0])
+            fr = np.asarray(jax.device_get(dec.push(latents[:, s:s + chunk]))[0])
             yield i, fr, {"block": i, "decode_s": time.perf_counter() - t0, "frames": int(fr.shape[0])}
 
     def generate(self, context, negative, pose=None, **kw) -> dict:
