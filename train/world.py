@@ -7,7 +7,8 @@ Stages (each logs its wall time; each is skipped when its output exists, so a re
 render the synthetic clips -> train the VAE -> encode latents -> check the VAE's marker
 reproduction on the held-out clips -> train the pose + reference teacher (flow matching,
 UniAnimate dropout) -> teacher targets (``wanjax.distill.targets``) -> ODE distillation of the
-4-step causal student (``wanjax.distill.ode``) -> the bundled default (``<out_dir>/assets/default``)
+4-step causal student (``train.distill``'s library, objective ``ode``; then ``dmd`` when
+``distill.dmd.enabled``) -> the bundled default (``<out_dir>/assets/default``)
 -> teacher vs the bundled student on the held-out clips (``wanjax.metrics``) -> the report
 (``<out_dir>/docs/RESULTS.md``, ``docs/img/strip.png``, ``docs/img/loss_*.png``).
 NAME: ``ci`` (seconds on a CPU, mechanics only) or ``full`` (about 8 minutes on one H100). It needs
@@ -38,6 +39,8 @@ def run(cfg, command: str = "python -m train.world"):
     targets = S.stage_targets(r, teacher, train)
     del train
     student = S.stage_ode(r, teacher, targets)
+    if cfg.distill.dmd.enabled:
+        student = S.stage_dmd(r, student, teacher, targets)
     bundle = S.stage_export(r, student, val)
     ev = S.stage_eval(r, teacher, bundle, val)
     S.stage_report(r, ev)

@@ -298,12 +298,19 @@ def stage_latents(run: Run, vae, clips: D.Clips) -> tuple[np.ndarray, np.ndarray
 def finish_root(run: Run, model, root: Path, provenance: dict) -> Path:
     """Export ``model`` as an inference root next to the world's VAE and text embedding."""
     from wanjax.training import export_inference
-    from wanjax.videoio import write_json_atomic
 
     export_inference(model, root, provenance=provenance, link_from=run.p.work)
+    return complete_root(run, root, model.cfg.dit.num_layers)
+
+
+def complete_root(run: Run, root: Path, num_layers: int) -> Path:
+    """Add ``text.npz`` (the stand-in prompt, negative = prompt) and ``world.json`` to an exported
+    root, so that ``wanjax.world.bundle.infer_config(root)`` points the inference CLI at it."""
+    from wanjax.videoio import write_json_atomic
+
     ctx = D.stand_in_context(run.cfg.text)
     np.savez(root / "text.npz", prompt=ctx, negative=ctx)
-    write_json_atomic(root / "world.json", world_info(run.cfg, model.cfg.dit.num_layers))
+    write_json_atomic(root / "world.json", world_info(run.cfg, num_layers))
     return root
 
 
@@ -411,35 +418,148 @@ def stage_targets(run: Run, teacher_root: Path, clips: D.Clips) -> Path:
         return p.targets
 
 
-def stage_ode(run: Run, teacher_root: Path, targets_dir: Path) -> Path:
-    """ODE regression of the causal student (``wanjax.distill.ode.ode_loss``) on the teacher targets,
-    starting from the teacher's weights (``student.num_layers`` of its blocks), on the shared loop."""
-    from wanjax.data.targets import TargetReader
-    from wanjax.distill import ode
+def register_presets(cfg) -> tuple[str, str]:
+    """Thin adapter: ``wanjax.distill.objectives`` builds its models from named PoseDiT presets
+    (``wanjax.models.unianimate.PRESETS``), so the world's teacher and student sizes are registered
+    there under ``world_<name>_teacher`` / ``world_<name>_student``."""
+    from wanjax.models import unianimate as ua
     from wanjax.world import models as M
-    from wanjax.world.fit import fit
+
+    names = (f"world_{cfg.name}_teacher", f"world_{cfg.name}_student")
+    ua.PRESETS[names[0]] = M.pose_dit_config(cfg)
+    ua.PRESETS[names[1]] = M.pose_dit_config(cfg, causal=True)
+    return names
+
+
+def distill_config(run: Run, objective: str, init_root: Path, workdir: Path, export_dir: Path, teacher_root: Path,
+                   targets_dir: Path):
+    """A ``configs/distill.py`` config (``python -m train.distill``'s) for one of the world's
+    distillation stages."""
+    from configs.distill import get_config
+
+    cfg = run.cfg
+    sec = cfg.distill.ode if objective == "ode" else cfg.distill.dmd
+    t_name, s_name = register_presets(cfg)
+    c = get_config("tiny")
+    c.preset = f"world_{cfg.name}"
+    c.objective = objective
+    c.workdir = str(workdir)
+    c.seed = int(cfg.seed) + (1 if objective == "ode" else 2)
+    c.total_steps = int(sec.steps)
+    c.batch_size = int(sec.batch)
+    c.log_every = int(sec.log_every)
+    c.ckpt_every = 0
+    c.master_dtype = "float32"
+    c.compute_dtype = str(cfg.teacher.dtype)
+    c.attention = str(cfg.teacher.attention)
+    c.remat = False
+    c.data.update(dir=str(targets_dir), seed=int(cfg.seed), verify=False,
+                  negative_embeds_path=str(teacher_root / "text.npz"))
+    c.student.update(preset=s_name, init=str(init_root), num_frame_per_block=int(cfg.sample.num_frame_per_block),
+                     max_frames=D.latent_frames(int(cfg.data.num_frames)))
+    c.teacher.update(preset=t_name, ckpt_dir=str(teacher_root), dtype=str(cfg.teacher.dtype))
+    c.optim.update(lr=float(sec.lr), b1=float(sec.b1), b2=float(sec.b2), weight_decay=float(sec.weight_decay),
+                   max_grad_norm=float(sec.grad_clip), warmup_steps=int(sec.warmup))
+    c.ema.update(decay=float(sec.ema_decay), start_step=int(sec.get("ema_start", 0)))
+    c.ode.update(pose_drop=float(cfg.teacher.pose_drop), image_drop=float(cfg.teacher.image_drop))
+    if objective == "dmd":
+        d = cfg.distill.dmd
+        c.dmd.update(gen_update_ratio=int(d.gen_update_ratio), lr_generator=float(d.lr), lr_critic=float(d.lr_critic),
+                     b1=float(d.b1), b2=float(d.b2), guidance_scale=float(cfg.sample.cfg_scale) - 1.0,
+                     shift=float(cfg.sample.student_shift), score_shift=float(cfg.sample.teacher_shift),
+                     steps=tuple(int(t) for t in cfg.sample.student_steps))
+    c.val.every = 0
+    c.export.update(enabled=True, dir=str(export_dir), link_from=str(run.p.work))
+    return c
+
+
+def _distill(run: Run, name: str, objective: str, init_root: Path, teacher_root: Path, targets_dir: Path,
+             workdir: Path, export_dir: Path) -> Path:
+    """One distillation stage through ``wanjax.distill.objectives.run`` (the library of
+    ``python -m train.distill``), with the world's time budget as the loop's stop guard; a run the
+    budget stops is exported here (``objectives.run`` exports finished runs only)."""
+    from flax import nnx
+
+    import jax
+
+    from wanjax.data.targets import TargetReader
+    from wanjax.distill import objectives
+    from wanjax.models import unianimate as ua
+    from wanjax.sharding import make_mesh
+    from wanjax.training import export_inference
+    from wanjax.world.fit import TimeBudget
+
+    cfg = run.cfg
+    sec = cfg.distill.ode if objective == "ode" else cfg.distill.dmd
+    dcfg = distill_config(run, objective, init_root, workdir, export_dir, teacher_root, targets_dir)
+    reader = TargetReader(targets_dir, verify=False)
+    budget = TimeBudget(float(sec.max_seconds))
+    first = {}
+
+    def on_step(step_done, metrics):
+        if not first:
+            jax.block_until_ready(metrics)
+            first["done"] = step_done
+            budget.start()
+
+    budget.install()
+    try:
+        res = objectives.run(dcfg, reader, on_step=on_step, guard=budget,
+                             mesh=make_mesh(devices=jax.devices()[:1]))
+    finally:
+        budget.uninstall()
+    status = "time_budget" if (res.status == "preempted" and budget.timed_out and not budget.inner.requested) \
+        else res.status
+    if res.status != "done":
+        ms = res.state.models["student"]
+        params = ms.ema if ms.ema is not None else ms.params
+        model = nnx.eval_shape(lambda: ua.PoseDiT(objectives.student_config(dcfg), rngs=nnx.Rngs(0)))
+        state = nnx.state(model, nnx.Param)
+        nnx.replace_by_pure_dict(state, params)
+        nnx.update(model, state)
+        export_inference(model, export_dir, provenance={"stage": name, "status": status,
+                                                        "step": int(jax.device_get(res.state.step))},
+                         link_from=run.p.work)
+    complete_root(run, export_dir, int(cfg.student.num_layers))
+    h = res.history
+    key = next((k for k in (h[-1] if h else {}) if k.endswith("/loss")), None)
+    run.stages[name].update(steps=int(jax.device_get(res.state.step)), train_s=budget.elapsed, status=status,
+                            first_loss=h[0][key] if key else None, final_loss=h[-1][key] if key else None,
+                            samples=len(reader))
+    return export_dir
+
+
+def stage_ode(run: Run, teacher_root: Path, targets_dir: Path) -> Path:
+    """ODE regression of the causal student on the teacher targets (``objective=ode`` of
+    ``train.distill``), starting from the teacher's weights (``student.num_layers`` of its blocks)."""
+    from wanjax.world import models as M
 
     cfg, p = run.cfg, run.p
-    o = cfg.distill.ode
     with run.stage("distill_ode") as rec:
         if (p.student / "dit" / "config.json").is_file():
             rec["status"] = "cached"
             return p.student
-        teacher = M.load_pose_dit(teacher_root)
-        student = M.student_from_teacher(teacher, M.pose_dit_config(cfg, causal=True))
-        del teacher
-        reader = TargetReader(targets_dir, verify=False)
-        loss = functools.partial(ode.ode_loss, cfg=ode.ODEConfig(pose_drop=float(cfg.teacher.pose_drop),
-                                                                 image_drop=float(cfg.teacher.image_drop)))
-        res = fit(student, loss, reader, name="student", opt=o, batch=min(int(o.batch), len(reader)),
-                  steps=int(o.steps), max_seconds=float(o.max_seconds), seed=int(cfg.seed) + 1,
-                  ema_decay=float(o.ema_decay) or None, log_every=int(o.log_every), workdir=p.student_run,
-                  collate=functools.partial(ode.collate, text_len=int(cfg.text.tokens)))
-        rec.update(_history(res), samples=len(reader),
-                   layers_from_teacher=M.student_layers(int(cfg.teacher.num_layers), int(cfg.student.num_layers)))
-        finish_root(run, res.ema_model or res.model, p.student,
-                    {"stage": "distill_ode", "preset": cfg.name, "init": str(teacher_root), **_history(res)})
-        return p.student
+        init = p.work / "student_init"
+        teacher_layers = M.read_pose_dit_config(teacher_root).dit.num_layers
+        rec["layers_from_teacher"] = M.student_layers(teacher_layers, int(cfg.student.num_layers))
+        if not (init / "dit" / "config.json").is_file():
+            student = M.student_from_teacher(M.load_pose_dit(teacher_root), M.pose_dit_config(cfg, causal=True))
+            finish_root(run, student, init, {"stage": "student_init", "teacher": str(teacher_root),
+                                             "layers": rec["layers_from_teacher"]})
+        return _distill(run, "distill_ode", "ode", init, teacher_root, targets_dir, p.student_run, p.student)
+
+
+def stage_dmd(run: Run, student_root: Path, teacher_root: Path, targets_dir: Path) -> Path:
+    """Self-Forcing DMD (``objective=dmd`` of ``train.distill``) from the ODE student, the teacher
+    as the real score (its CFG), a critic starting from the ODE student. Optional
+    (``distill.dmd.enabled``); the bundle then ships this student."""
+    p = run.p
+    out = p.work / "student_dmd"
+    with run.stage("distill_dmd") as rec:
+        if (out / "dit" / "config.json").is_file():
+            rec["status"] = "cached"
+            return out
+        return _distill(run, "distill_dmd", "dmd", student_root, teacher_root, targets_dir, p.work / "dmd_run", out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,8 +640,10 @@ def stage_report(run: Run, ev: dict[str, Any]) -> dict[str, Path]:
                 ("student", v["student"][0])]
         out = {"strip": strip_png(p.img / "strip.png", rows, frames, scale=max(1, 192 // int(cfg.data.height)))}
         curves = []
-        for name, rd in (("vae", p.vae_run), ("teacher", p.teacher_run), ("student", p.student_run)):
-            xs, ys = _curve(rd, name)
+        for name, rd, key in (("vae", p.vae_run, "vae"), ("teacher", p.teacher_run, "teacher"),
+                              ("student", p.student_run, "ode"), ("dmd_generator", p.work / "dmd_run", "generator"),
+                              ("dmd_critic", p.work / "dmd_run", "critic")):
+            xs, ys = _curve(rd, key)
             if xs:
                 win = max(1, len(xs) // 25)
                 out[f"loss_{name}"] = curve_png(p.img / f"loss_{name}.png",
@@ -576,5 +698,5 @@ def print_artefacts(run: Run, extra: dict[str, Path] | None = None) -> None:
 
 
 __all__ = ["Paths", "paths", "Run", "parse_args", "setup_jax", "world_info", "stage_data", "stage_vae",
-           "stage_latents", "stage_teacher", "stage_targets", "stage_ode", "stage_eval", "stage_export",
+           "stage_latents", "stage_teacher", "stage_targets", "stage_ode", "stage_dmd", "stage_eval", "stage_export",
            "stage_report", "print_artefacts", "teacher_model", "write_heldout"]
