@@ -4,7 +4,9 @@ A converter module only says *what goes where* (a list of :class:`Assign`). This
 rest: lazy tensor reading (safetensors headers are parsed here, torch pickles go through
 ``torch.load(weights_only=True, mmap=True)``), strict key and shape checks with errors that name
 the key and both shapes, streaming into disk-backed buffers so that peak memory stays near one
-tensor, and an atomic Orbax write (temporary directory, then rename).
+tensor, and an atomic Orbax write (temporary directory, then rename) that streams each buffer region
+by region (``wanjax.checkpoint.write_params``), so the whole conversion runs in a few hundred MiB of
+anonymous memory whatever the model size.
 """
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from wanjax.checkpoint import flatten_params, unflatten_params  # noqa: F401  (re-exported)
+from wanjax.checkpoint import flatten_params, release_pages, unflatten_params  # noqa: F401  (re-exported)
 
 log = logging.getLogger("wanjax.convert")
 
@@ -263,6 +266,54 @@ def open_tensor_source(path: str | os.PathLike, *,
     return src
 
 
+def _read_store(store, index) -> np.ndarray:
+    a = store[index].read().result()
+    return a.astype(np.float32) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
+
+
+def open_orbax_source(ckpt_dir: str | os.PathLike, *,
+                      per_layer: Callable[[str], bool] = lambda path: False) -> tuple[TensorSource, dict]:
+    """A converted wanjax checkpoint (``config.json`` + Orbax ``params/``) as a lazy TensorSource keyed by
+    ``/``-joined parameter paths, and its config. Every ``get`` reads one array (or one layer) with
+    TensorStore, nothing more; floats come back as float32. Arrays whose path satisfies ``per_layer``
+    (stacked blocks) appear as one key per leading index, ``path[i]``, so a 1.65 GB stacked FFN kernel
+    is read 55 MB at a time."""
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+    from etils import epath
+
+    from wanjax.checkpoint import read_config
+
+    root = Path(ckpt_dir).absolute()
+    config = read_config(root)
+    pdir = root / "params"
+    try:
+        meta = json.loads((pdir / "_METADATA").read_text())
+        tree = meta["tree_metadata"]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{root}: unreadable Orbax params/_METADATA ({e})") from None
+    th = ocp.type_handlers
+    use_ocdbt = bool(meta.get("use_ocdbt", True))
+    context = th.get_ts_context(use_ocdbt=use_ocdbt)
+    src = TensorSource()
+    src.description = str(root)
+    for entry in tree.values():
+        parts = [str(k["key"]) for k in entry["key_metadata"]]
+        info = th.ParamInfo(name=".".join(parts), parent_dir=epath.Path(pdir), is_ocdbt_checkpoint=use_ocdbt,
+                            use_zarr3=bool(meta.get("use_zarr3", False)), ts_context=context)
+        store = ts.open(th.get_json_tspec_read(info, use_ocdbt=use_ocdbt), open=True, context=context).result()
+        path, shape = "/".join(parts), tuple(store.shape)
+
+        if per_layer(path) and len(shape) >= 1:
+            for i in range(shape[0]):
+                src._add(f"{path}[{i}]", (lambda store=store, i=i: _read_store(store, i)), shape[1:], str(pdir))
+        else:
+            src._add(path, (lambda store=store: _read_store(store, ())), shape, str(pdir))
+    if len(src) == 0:
+        raise ConversionError(f"{root}: the checkpoint holds no arrays")
+    return src, config
+
+
 _WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -326,10 +377,12 @@ def abstract_params(model_cls, cfg) -> dict[str, Any]:
 
 def check_plan(src: TensorSource, plan: Sequence[Assign], targets: Mapping[str, Any],
                ignore: Iterable[str] = ()) -> None:
-    """Strict key checks before any data is read: every source key used, every target filled."""
+    """Strict checks before any data is read: every source key used, every target filled, and the
+    shapes of plain copies (``fn=identity``) equal to their targets'."""
     ignore_re = [re.compile(p) for p in ignore]
     used: set[str] = set()
     problems: list[str] = []
+    mismatched: list[str] = []
     filled: dict[str, set] = {}
     for a in plan:
         if a.target not in targets:
@@ -342,6 +395,14 @@ def check_plan(src: TensorSource, plan: Sequence[Assign], targets: Mapping[str, 
                                 f"{_expected_shape(targets[a.target], a.index)})")
             used.add(s)
         filled.setdefault(a.target, set()).add(a.index)
+        if a.fn is identity and len(a.sources) == 1 and a.sources[0] in src:
+            want = _expected_shape(targets[a.target], a.index)
+            if src.shape(a.sources[0]) != want:  # caught before any data is read
+                mismatched.append(f"shape mismatch for {a.target}{'' if a.index is None else f'[{a.index}]'}: "
+                                  f"source {a.sources[0]} {src.shape(a.sources[0])}, the model expects {want}")
+    problems += mismatched[:20]
+    if len(mismatched) > 20:
+        problems.append(f"... and {len(mismatched) - 20} more shape mismatches")
     unexpected = [k for k in src.keys() if k not in used and not any(r.fullmatch(k) for r in ignore_re)]
     for k in unexpected[:20]:
         problems.append(f"unexpected key {k!r} with shape {src.shape(k)} in {src.where(k)}")
@@ -398,12 +459,22 @@ def materialize(src: TensorSource, plan: Sequence[Assign], targets: Mapping[str,
                                   f"{'' if a.index is None else f'[{a.index}]'}: source {srcs} gives "
                                   f"{tuple(val.shape)} but the model expects {want} "
                                   f"(in {src.where(a.sources[0])}); is the --preset right?")
-        if a.index is None:
-            buf[...] = val.astype(buf.dtype)
-        else:
-            buf[a.index] = val.astype(buf.dtype)
-        del arrays, val
+        dst = buf if a.index is None else buf[a.index]
+        copy_cast(dst, val)
+        release_pages(dst)
+        del arrays, val, dst
     return out
+
+
+def copy_cast(dst: np.ndarray, val: np.ndarray, block_bytes: int = 16 * 2**20) -> None:
+    """``dst[...] = val`` cast to ``dst.dtype``, a block of leading rows at a time, so the cast's
+    temporaries stay small even for a 283 MB (14B FFN, fp32) tensor."""
+    rows = max(1, block_bytes // max(1, val[0].nbytes)) if val.ndim else 1
+    if val.ndim == 0 or rows >= val.shape[0]:
+        dst[...] = val.astype(dst.dtype)
+        return
+    for r in range(0, val.shape[0], rows):
+        dst[r:r + rows] = val[r:r + rows].astype(dst.dtype)
 
 
 def write_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, np.ndarray], config: dict,
@@ -423,11 +494,20 @@ def convert(src: TensorSource, plan: Sequence[Assign], targets: Mapping[str, Any
     """check_plan + materialize (disk-backed) + atomic write. Nothing is left behind on error."""
     check_plan(src, plan, targets, ignore)
     out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:  # before any work
+        raise ConversionError(f"{out} already exists; pass --overwrite or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     try:
-        params = materialize(src, plan, targets, dtype=dtype, workdir=work, progress=progress)
-        return write_checkpoint(out, params, config, overwrite=overwrite)
+        t0 = time.time()
+        with AnonMemorySampler() as mem_read:
+            params = materialize(src, plan, targets, dtype=dtype, workdir=work, progress=progress)
+        t1 = time.time()
+        with AnonMemorySampler() as mem_write:
+            written = write_checkpoint(out, params, config, overwrite=overwrite)
+        log.info("phases: materialize %.1f s (peak anonymous %.0f MiB), checkpoint write %.1f s (peak "
+                 "anonymous %.0f MiB)", t1 - t0, mem_read.peak_mib, time.time() - t1, mem_write.peak_mib)
+        return written
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

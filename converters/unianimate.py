@@ -18,7 +18,8 @@ modules, unexpected keys are always an error; *missing* keys are an error with `
 otherwise keep a documented initialisation, listed in a warning: ``PoseConditioner``'s init with
 ``nnx.Rngs(0)`` (PyTorch-default U(+-1/sqrt(fan_in)) for the convs) and zeros for ``pose_proj`` (so a
 student with a fresh projection starts with zero pose tokens, spec 12.2). A ``pose_proj`` absent from a
-UA file (which never has one) is the documented zero init, not a "missing" key.
+UA file (which never has one), or from a pose directory converted without ``--proj-dim``, is the
+documented zero init, not a "missing" key.
 """
 from __future__ import annotations
 
@@ -73,29 +74,8 @@ def is_wanjax_dir(path, model: str) -> bool:
 
 
 def orbax_source(path) -> tuple[TensorSource, dict]:
-    """A wanjax checkpoint dir as a TensorSource keyed by ``/``-joined param paths (loaded on first use;
-    meant for the small pose checkpoints) and its config.json."""
-    import orbax.checkpoint as ocp
-
-    p = Path(path).absolute()
-    cfg = json.loads((p / "config.json").read_text())
-    ckptr = ocp.StandardCheckpointer()
-    meta = ckptr.metadata(p / "params")
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
-    flat_meta = common.flatten_params(tree)
-    cache: dict = {}
-
-    def load(k):
-        if not cache:
-            restored = ckptr.restore(p / "params")
-            cache.update({kk: np.asarray(v, np.float32) for kk, v in common.flatten_params(restored).items()})
-        return cache[k]
-
-    src = TensorSource()
-    src.description = str(p)
-    for k, m in flat_meta.items():
-        src._add(k, (lambda k=k: load(k)), tuple(m.shape), str(p / "params"))
-    return src, cfg
+    """A wanjax checkpoint dir as a lazy TensorSource keyed by ``/``-joined param paths, and its config.json."""
+    return common.open_orbax_source(path)
 
 
 def resolve_dit_config(base_src, cfg_json, preset: str, dtype: str):
@@ -125,6 +105,12 @@ def pose_source_plan(pose_path, cfg_pose, *, strict: bool, label: str = "--pose"
     ``src``: the already opened UA file)."""
     if src is None and is_wanjax_dir(pose_path, "pose_conditioner"):
         psrc, _ = orbax_source(pose_path)
+        proj = f"{pose_conv.PROJ}/kernel"
+        if cfg_pose.proj_dim is not None and proj not in psrc and f"{pose_conv.PROJ}/bias" not in psrc:
+            # converted without --proj-dim: the documented zero pose_proj, as for a UA file
+            shapes = {proj: (cfg_pose.out_dim, cfg_pose.proj_dim), f"{pose_conv.PROJ}/bias": (cfg_pose.proj_dim,)}
+            for k, shp in shapes.items():
+                psrc._add(k, (lambda shp=shp: np.zeros(shp, np.float32)), shp, "<zero init>")
         plan = [Assign(f"pose/{k}", (POSE_SRC_PREFIX + k,)) for k in pose_conv.pose_targets(cfg_pose)]
         ignore: tuple[str, ...] = ()
     else:
