@@ -687,6 +687,14 @@ class StreamingDecoder:
         self.cache = None
         self._shape = None
 
+    def precompile(self, z_shape: tuple, dtype) -> None:
+        """Compile the first-block and later-block steps for latent blocks of ``z_shape`` ahead of use
+        (the executables land in the jit caches)."""
+        z = jax.ShapeDtypeStruct(tuple(z_shape), dtype)
+        self._first.lower(self.state, z).compile()
+        cache = jax.eval_shape(self._first, self.state, z)[1]
+        self._step.lower(self.state, z, cache).compile()
+
     def fork(self) -> "StreamingDecoder":
         """A new, empty stream sharing this decoder's parameters and compiled functions (so a
         pipeline compiles once and still runs independent streams)."""

@@ -118,6 +118,14 @@ class PoseDiT:
         v = np.asarray(pose_video) if not isinstance(pose_video, jax.Array) else pose_video
         return self._pose_fn(v if v.dtype == np.uint8 else jnp.asarray(v, jnp.float32))
 
+    def precompile_pose(self, shape: tuple) -> None:
+        """Compile the pose-token function for uint8 windows of ``shape`` [1, T, H, W, 3] ahead of use."""
+        if self.pose is None:
+            return
+        if self._pose_fn is None:
+            self.pose_tokens(np.zeros((1, 4) + tuple(shape[2:]), np.uint8))  # builds the jitted fn
+        self._pose_jit.lower(self._pose_state, jax.ShapeDtypeStruct(shape, jnp.uint8)).compile()
+
     def ref_pose_features(self, ref_pose) -> jax.Array:
         """[1, H, W, 3] in [0, 1] -> [1, H/8, W/8, 20]."""
         if self._ref_fn is None:

@@ -185,6 +185,7 @@ class StudentPipeline:
         self.model = PoseDiT.wrap(model)
         self.vae_chunk = vae_chunk
         self._decoder = None
+        self._compiled: set = set()
         self.dit = self.model.dit
         self.vae = vae
         self.mode = mode
@@ -219,6 +220,28 @@ class StudentPipeline:
             _, cache = model.forward_cached(x0, jnp.zeros((B, nfb), jnp.float32), ckv, cache, start,
                                             y=y, pose=pose)
         return x0, cache
+
+    def _precompile(self, ckv, y, pose, T: int, decoder, feed) -> None:
+        """Compile every executable of a stream (both block variants, the VAE steps, the pose
+        windows) before the KV cache is allocated. XLA's autotuning tries convolution and GEMM
+        algorithms with large scratch buffers while it compiles; done here, that happens with only
+        the weights resident, so the first video peaks no higher than later ones (the compiled
+        executables land in the jit caches, later calls reuse them)."""
+        nfb, hw = self.nfb, self._latent_hw
+        sig = (hw, T, y is None, pose is None, decoder is not None)
+        if sig in self._compiled:
+            return
+        cache = jax.eval_shape(lambda: self.dit.init_cache(1, T))
+        for context in (True, False):
+            self._block_fn.lower(self._state, jax.random.key(0), ckv, cache, jnp.int32(0), y, pose,
+                                 context=context, hw=hw).compile()
+        if decoder is not None:
+            decoder.precompile((1, nfb) + tuple(hw) + (self.dit.cfg.out_dim,), self.dit.cfg.compute_dtype)
+        if feed is not None:
+            H, W = 16 * (hw[0] // 2), 16 * (hw[1] // 2)
+            for groups in (nfb + 3, nfb + 2):  # a middle block's window, the last block's window
+                self.model.precompile_pose((1, 4 * groups, H, W, 3))
+        self._compiled.add(sig)
 
     # -- public API ------------------------------------------------------------------------------
     def cross_kv(self, context, clip_fea=None):
@@ -278,7 +301,7 @@ class StudentPipeline:
             raise PipelineError("decode=True needs a VAE")
         ckv = self.cross_kv(context, reference.clip_fea)
         T = (H // 16) * (W // 16)
-        cache = self.dit.init_cache(1, T)
+        cache = None  # allocated once block 0's inputs exist, after compiling (see _precompile)
         base = jax.random.key(seed)
         decoder = None
         if decode:
@@ -300,6 +323,9 @@ class StudentPipeline:
             last = num_latent is not None and (b + 2) * nfb > num_latent
             s = b * nfb
             y = reference.y_slice(s, nfb)
+            if cache is None:
+                self._precompile(ckv, y, pose_tok, T, decoder, feed)
+                cache = self.dit.init_cache(1, T)
             td = time.perf_counter()
             x0, cache = self._block_fn(self._state, jax.random.fold_in(base, b), ckv, cache, jnp.int32(s),
                                        y, pose_tok, context=not last, hw=self._latent_hw)
