@@ -321,6 +321,13 @@ class Trainer:
             metrics.update(m)
         return self._advance(state), metrics
 
+    def update(self, state: st.TrainState, phase: str, batch: Mapping[str, np.ndarray]):
+        """Run one phase by name on ``batch`` (no step increment): (state, metrics). For benchmarks."""
+        i = [p.name for p in self.phases].index(phase)
+        b = self.micro_split(batch)
+        fn, bsh = self._update_fn(i, b)
+        return fn(state, self.put_batch(b, bsh), self.frozen_params)
+
     def active_phases(self, step: int) -> list[Phase]:
         return [p for p in self.phases if p.active(step)]
 

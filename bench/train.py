@@ -1,0 +1,206 @@
+"""Distillation training-step speed: the 1.3B pose student's ODE step, and the DMD generator and critic
+steps with a stand-in (1.3B) or the 14B teacher, through ``wanjax.training.Trainer``.
+
+    PYTHONPATH=. python -m bench.train                       # all three stages, 1.3B stand-in teacher
+    PYTHONPATH=. python -m bench.train --teacher teacher_14b # DMD with the 14B teacher (2 GPUs: FSDP)
+    PYTHONPATH=. python -m bench.train --only ode --frames 21 --height 480 --width 832 --repeats 5
+
+Random weights and random targets at the real shapes (one sample per device: global batch =
+devices; 21 latent frames = 81 pose frames, 480x832, CLIP 257 tokens, text 512 x 4096). fp32 master
+weights, bf16 compute, remat per block (DiT) and on the pose stack's full-resolution layers, AdamW
+(Self-Forcing's betas for DMD), all devices in one FSDP mesh. Each stage runs in its own process so
+that its peak memory is its own. Prints one table: compile time, step time, peak device memory,
+model TFLOP per step, MFU.
+
+MFU = model FLOPs of the step / (step time x devices x peak bf16 FLOP/s per device). Model FLOPs
+(``wanjax.training.dit_forward_flops`` + ``pose_encoder_flops``; matmuls and convolutions, 2 per
+multiply-add, remat not counted):
+
+* ODE:       3 x (block-causal student forward over 21 frames + pose encoders).
+* generator: the no-grad rollout (per block E[exit] + 2 = 3.5 cached forwards of 3 frames against
+             the prefix), 3 x (the exit forwards + the student's pose encoders), one critic forward
+             and two teacher forwards (CFG) over 21 frames, bidirectional.
+* critic:    the no-grad rollout + student pose encoders + 3 x critic forward.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import wanjax  # noqa: F401
+from bench.common import peak_bytes, print_table
+from wanjax import sharding as shd
+
+STAGES = ("ode", "generator", "critic")
+
+
+def _models(args, mesh):
+    """(student, critic, teacher) PoseDiTs with random weights, created sharded on the mesh."""
+    import dataclasses
+
+    from wanjax.models import unianimate as ua
+
+    def build(preset, dtype, param_dtype, remat, seed):
+        pc = ua.PRESETS[preset]
+        pc = pc.replace(dit=pc.dit.replace(dtype=dtype, param_dtype=param_dtype, attention=args.attention,
+                                           remat=remat, max_frames=max(args.frames, pc.dit.max_frames)),
+                        pose=dataclasses.replace(pc.pose, remat=remat))
+        abstract = nnx.eval_shape(lambda: ua.PoseDiT(pc, rngs=nnx.Rngs(seed)))
+        gd, state = nnx.split(abstract)
+        sh = shd.state_shardings(state, mesh)
+
+        def init():
+            m = ua.PoseDiT(pc, rngs=nnx.Rngs(seed))
+            k = m.dit.head.head.kernel  # zero-initialised: give the head weights so outputs are not 0
+            k[...] = (jax.random.normal(jax.random.key(seed), k.shape) * 0.02).astype(k.dtype)
+            if m.pose.pose_proj is not None:
+                p = m.pose.pose_proj.kernel
+                p[...] = (jax.random.normal(jax.random.key(seed + 1), p.shape) * 0.02).astype(p.dtype)
+            return nnx.state(m)
+
+        state = jax.jit(init, out_shardings=sh)()
+        return nnx.merge(gd, state)
+
+    student = build(args.student, "bfloat16", "float32", True, 0)
+    if args.stage == "ode":
+        return student, None, None
+    critic = build(args.student, "bfloat16", "float32", True, 1)
+    teacher = build(args.teacher, "bfloat16", "bfloat16", False, 2)
+    return student, critic, teacher
+
+
+def _batch(args, n: int, dcfg) -> dict:
+    rng = np.random.default_rng(0)
+    F, H, W = args.frames, args.height, args.width
+    h, w = H // 8, W // 8
+    T = 4 * (F - 1) + 1
+    f32 = lambda *s: rng.standard_normal(s, dtype=np.float32)
+    b = {"context": f32(n, dcfg.text_len, dcfg.text_dim), "clip_fea": f32(n, 257, dcfg.image_dim),
+         "ref_y": f32(n, F, h, w, 20),
+         "ref_pose": rng.random((n, H, W, 3), dtype=np.float32),
+         "pose": rng.integers(0, 255, (n, T, H, W, 3), dtype=np.uint8)}
+    if args.stage == "ode":
+        from wanjax import sampling
+        _, sig = sampling.student_schedule()
+        b.update(traj=f32(n, 4, F, h, w, 16), traj_sigmas=np.tile(sig, (n, 1)).astype(np.float32),
+                 x0=f32(n, F, h, w, 16))
+    else:
+        b["neg_context"] = f32(n, dcfg.text_len, dcfg.text_dim)
+    return b
+
+
+def run_stage(args) -> dict:
+    """One stage in this process: build, compile, time. Returns the row as a dict."""
+    from wanjax.distill import objectives, ode
+    from wanjax.training import EMAConfig, Phase, Trainer, dit_forward_flops, make_optimizer, pose_encoder_flops
+    from wanjax.training.loop import peak_flops_per_device
+
+    mesh = shd.make_mesh(data=1, fsdp=-1)
+    n = len(jax.devices())
+    t0 = time.perf_counter()
+    student, critic, teacher = _models(args, mesh)
+    batch = _batch(args, n, student.cfg.dit)
+    sample = {k: v[0] for k, v in batch.items()}
+    if args.stage == "ode":
+        F, T = args.frames, (args.height // 16) * (args.width // 16)
+        fwd = dit_forward_flops(student.cfg.dit, F, T, frames_per_block=student.cfg.dit.num_frame_per_block,
+                                image_tokens=257) + pose_encoder_flops(student.cfg.pose, 4 * (F - 1) + 1,
+                                                                       args.height, args.width)
+        phases = [Phase("ode", "student", lambda m, b, k: ode.ode_loss(m, b, k), flops_per_sample=3 * fwd)]
+        trainer = Trainer({"student": student}, {"student": make_optimizer(2e-5)}, phases, mesh,
+                          ema={"student": EMAConfig(0.99, 0)})
+        phase = "ode"
+    else:
+        ns = types.SimpleNamespace
+        cfg = ns(dmd=ns(steps=(1000, 750, 500, 250), shift=5.0, score_shift=8.0, guidance_scale=3.0,
+                        context_sigma=0.0, last_step_only=False, gen_update_ratio=1),
+                 ode=ns(pose_drop=0.05, image_drop=0.10))
+        phases = objectives.dmd_phases(cfg, student, teacher, critic, sample)
+        opt = lambda lr: make_optimizer(lr, b1=0.0, b2=0.999)
+        trainer = Trainer({"student": student, "critic": critic}, {"student": opt(2e-6), "critic": opt(4e-7)},
+                          phases, mesh, frozen={"teacher": teacher}, ema={"student": EMAConfig(0.99, 0)})
+        phase = args.stage
+    state = trainer.init_state()
+    del student, critic, teacher
+    jax.block_until_ready(state)
+    t_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state, m = trainer.update(state, phase, batch)
+    jax.block_until_ready(state)
+    t_first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        state, m = trainer.update(state, phase, batch)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t0)
+    flops = next(p for p in trainer.phases if p.name == phase).flops_per_sample * n
+    step = float(np.median(times))
+    peak = peak_flops_per_device(args.peak_tflops * 1e12 if args.peak_tflops else None)
+    loss = float(m[f"{phase}/loss"])
+    return {"stage": phase, "devices": n, "device": jax.devices()[0].device_kind, "build_s": t_build,
+            "compile_and_first_s": t_first, "step_s": step, "steps_s": times,
+            "peak_gib": (peak_bytes() or 0) / 2 ** 30, "model_tflop": flops / 1e12,
+            "mfu": flops / step / (peak * n) if peak else None, "loss": loss,
+            "teacher": args.teacher if phase != "ode" else None}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=STAGES, default=None, help="run one stage in this process")
+    ap.add_argument("--student", default="student_1_3b_pose")
+    ap.add_argument("--teacher", default="student_1_3b_pose",
+                    help="DMD teacher preset: student_1_3b_pose (1.3B stand-in) or teacher_14b")
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--frames", type=int, default=21, help="latent frames")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak (0: from the device kind)")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    if args.only:
+        args.stage = args.only
+        print("BENCH_ROW " + json.dumps(run_stage(args)), flush=True)
+        return 0
+    rows = []
+    for stage in STAGES:
+        cmd = [sys.executable, "-m", "bench.train", "--only", stage] + [
+            a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--json")]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        line = [l for l in p.stdout.splitlines() if l.startswith("BENCH_ROW ")]
+        if p.returncode or not line:
+            sys.stderr.write(p.stderr[-4000:])
+            rows.append({"stage": stage, "error": f"exit {p.returncode}"})
+            continue
+        rows.append(json.loads(line[-1][len("BENCH_ROW "):]))
+    table = [("stage", "devices", "compile+first (s)", "step (s)", "peak (GiB)", "TFLOP/step", "MFU")]
+    for r in rows:
+        if "error" in r:
+            table.append((r["stage"], "-", r["error"], "-", "-", "-", "-"))
+            continue
+        name = r["stage"] + (f" (teacher {r['teacher']})" if r["teacher"] else "")
+        table.append((name, r["devices"], f"{r['compile_and_first_s']:.1f}", f"{r['step_s']:.3f}",
+                      f"{r['peak_gib']:.1f}", f"{r['model_tflop']:.1f}",
+                      "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"))
+    print_table("train", table)
+    if rows and "device" in rows[0]:
+        print(f"device: {rows[0]['device']}, {args.frames} latent frames, {args.height}x{args.width}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

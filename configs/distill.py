@@ -1,0 +1,95 @@
+"""Distillation configs: ``get_config(NAME)`` for ``python -m train.distill --config configs/distill.py:NAME``.
+
+Presets:
+  tiny            CPU test size: tiny PoseDiT student (random init), ODE objective.
+  tiny_dmd        tiny, DMD objective (needs --config.teacher.ckpt_dir, a tiny teacher root).
+  student_1_3b    the 1.3B causal pose student (``student_1_3b_pose``), ODE regression from the
+                  14B teacher's targets, initialised from Wan2.1-T2V-1.3B (--config.student.init).
+  student_1_3b_dmd  Self-Forcing DMD from the ODE-initialised student (--config.student.init = the
+                  ODE run's export/) with the 14B UniAnimate teacher (--config.teacher.ckpt_dir).
+
+Any field can be overridden with ``--config.a.b=VALUE``; ``--config.objective=dmd`` switches the
+objective of any preset. Required per run: ``workdir`` and ``data.dir`` (teacher targets).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("tiny", "tiny_dmd", "student_1_3b", "student_1_3b_dmd")
+
+
+def _base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.preset = ""
+    c.objective = "ode"               # ode | dmd
+    c.workdir = ""                    # ckpt/, metrics.jsonl, val/, export/
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 1                  # global batch per update (all hosts), a multiple of accum_steps
+    c.accum_steps = 1                 # gradient accumulation micro-batches
+    c.log_every = 10
+    c.ckpt_every = 100
+    c.keep_checkpoints = 3
+    c.async_checkpoint = True
+    c.progress = True
+    c.peak_tflops = 0.0               # per-device peak for MFU (0: from the device kind)
+    c.master_dtype = "float32"        # parameters / optimizer (master weights)
+    c.compute_dtype = "bfloat16"      # activations and matmuls
+    c.attention = "auto"              # xla | cudnn | splash | auto
+    c.remat = True                    # rematerialise every transformer block (and the pose stacks)
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.distributed = ml_collections.ConfigDict(dict(initialize="auto", coordinator_address="", num_processes=-1,
+                                                   process_id=-1))
+    c.data = ml_collections.ConfigDict(dict(dir="", seed=0, on_error="stop", prefetch=2, verify=True,
+                                            negative_embeds_path=""))
+    c.student = ml_collections.ConfigDict(dict(preset="student_1_3b_pose", init="", num_frame_per_block=3,
+                                               max_frames=21))
+    c.teacher = ml_collections.ConfigDict(dict(preset="teacher_14b", ckpt_dir="", dtype="bfloat16"))
+    c.critic = ml_collections.ConfigDict(dict(preset=""))   # "": the student's preset and initial weights
+    c.optim = ml_collections.ConfigDict(dict(lr=2e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+                                             max_grad_norm=10.0, warmup_steps=0))
+    c.ema = ml_collections.ConfigDict(dict(decay=0.99, start_step=200))   # decay 0: no EMA
+    # ODE regression (and UniAnimate's dropout recipe, shared with dmd)
+    c.ode = ml_collections.ConfigDict(dict(clean_context=True, pose_drop=0.05, image_drop=0.10))
+    # Self-Forcing DMD (self_forcing.md 5.7)
+    c.dmd = ml_collections.ConfigDict(dict(gen_update_ratio=5, lr_generator=2e-6, lr_critic=4e-7, b1=0.0, b2=0.999,
+                                           guidance_scale=3.0, shift=5.0, score_shift=8.0,
+                                           steps=(1000, 750, 500, 250), context_sigma=0.0, last_step_only=False))
+    c.val = ml_collections.ConfigDict(dict(every=0, num_samples=1, vae_dir="", fps=16.0))
+    c.export = ml_collections.ConfigDict(dict(enabled=True, dir="", link_from=""))
+    return c
+
+
+def get_config(name: str = "tiny") -> ml_collections.ConfigDict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown distillation preset {name!r}; choose one of {list(PRESETS)} "
+                         f"(--config configs/distill.py:NAME)")
+    c = _base()
+    c.preset = name
+    if name.startswith("tiny"):
+        c.total_steps = 20
+        c.batch_size = 2
+        c.log_every = 5
+        c.ckpt_every = 10
+        c.master_dtype = c.compute_dtype = "float32"
+        c.attention = "xla"
+        c.remat = False
+        c.student.preset = "tiny_student"
+        c.teacher.preset = "tiny_teacher"
+        c.teacher.dtype = "float32"
+        c.optim.lr = 5e-3
+        c.optim.weight_decay = 0.0
+        c.optim.max_grad_norm = 1.0
+        c.ema.start_step = 0
+        c.val.fps = 8.0
+    else:
+        c.total_steps = 3000
+        c.batch_size = 64
+        c.mesh.fsdp = -1
+    if name.endswith("dmd"):
+        c.objective = "dmd"
+        c.ema.start_step = 200 if not name.startswith("tiny") else 0
+        c.total_steps = 600 if not name.startswith("tiny") else 4
+        c.optim.max_grad_norm = 10.0
+        c.optim.weight_decay = 0.01
+    return c
