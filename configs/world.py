@@ -10,9 +10,10 @@ Presets:
             runs, the report and the bundle are written), not quality.
   ``full``  the real run, sized for about 8 minutes on one H100: 96x96 clips of 21 frames
             (6 latent frames = 2 causal blocks of 3), a z16 VAE (base 32, dim_mult 1-2-2-2, trained
-            on 48x48 crops of 5-frame windows), a 192-wide 8-layer pose + reference teacher and a
-            6-layer student. Every training stage stops at ``steps`` or after ``max_seconds`` of
-            training, whichever comes first (``max_seconds`` 0: no limit; compilation not counted).
+            on 48x48 crops of the clips), a 192-wide 6-layer pose + reference teacher (pose
+            encoder width 8) and a student of the same size. Every training stage stops at
+            ``steps`` or after ``max_seconds`` of training, whichever comes first (``max_seconds``
+            0: no limit; compilation not counted).
 
 Conventions shared by all stages:
   * Video clips are ``wanjax.data.synthetic`` samples (seeded; train split ``"train"``, held-out
@@ -24,10 +25,10 @@ Conventions shared by all stages:
   * No CLIP branch: the DiTs take ``y`` (4 mask + 16 VAE channels of the reference, plus the
     reference-pose features) but have ``i2v = False``; the reference image reaches the model only
     through ``y``. The bundle therefore has no ``clip/``.
-  * The student has the teacher's width and ``student.num_layers`` of its blocks (evenly spread,
-    first and last kept), starts from the teacher's (EMA) weights and runs block-causally
-    (``num_frame_per_block`` latent frames per block, KV cache). Fewer blocks + 4 steps against the
-    teacher's 50 steps x 2 (CFG) forwards is the world's version of Self-Forcing's 1.3B-vs-14B.
+  * The student has the teacher's width and ``student.num_layers`` of its blocks (all of them by
+    default; fewer are evenly spread, first and last kept), starts from the teacher's (EMA) weights
+    and runs block-causally (``num_frame_per_block`` latent frames per block, KV cache), 4 steps per
+    block against the teacher's 50 CFG steps.
 """
 from __future__ import annotations
 
@@ -49,33 +50,34 @@ def _base() -> ml_collections.ConfigDict:
     c.text = ml_collections.ConfigDict(dict(tokens=8, dim=32, seed=1234))
     c.vae = ml_collections.ConfigDict(dict(
         base_dim=32, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=2,
-        clip_frames=5,                 # training clips: random 1+4k-frame windows of the videos ...
+        clip_frames=21,                # training clips: random 1+4k-frame windows of the videos (the
+                                       # full length: the causal convs then see inference-length history)
         crop=48,                       # ... and random crop x crop squares of them (0: whole frames)
-        batch=32, lr=5e-4, warmup=100, weight_decay=0.0, b1=0.9, b2=0.99, grad_clip=1.0,
-        steps=6000, max_seconds=60.0,
+        batch=16, lr=5e-4, warmup=100, weight_decay=0.0, b1=0.9, b2=0.99, grad_clip=1.0,
+        steps=6000, max_seconds=50.0,
         noise_frac=0.05,               # latent noise (fraction of the batch latent std) in training
         marker_weight=10.0,            # extra pixel weight on the saturated key-colour markers
         l2_weight=1.0,                 # loss = weight * (|e| + l2_weight * e^2) on [-1, 1] pixels
         mu_weight=1e-4,                # keeps the (deterministic) latent scale bounded
         dtype="bfloat16", conv_impl="3d", log_every=50))
     c.teacher = ml_collections.ConfigDict(dict(
-        dim=192, ffn_dim=768, num_heads=3, num_layers=8, freq_dim=256, pose_hidden=8,
+        dim=192, ffn_dim=768, num_heads=3, num_layers=6, freq_dim=256, pose_hidden=8,
         init="",                       # "" = from scratch; else an inference root with dit/ + pose/
         batch=32, lr=3e-4, warmup=200, weight_decay=0.01, b1=0.9, b2=0.99, grad_clip=1.0,
         ema_decay=0.999,
-        steps=12000, max_seconds=150.0,
+        steps=12000, max_seconds=130.0,
         shift=5.0,                     # FlowMatchGrid shift of the training timesteps (UniAnimate: 5)
         pose_drop=0.05,                # UniAnimate: pose tokens + reference pose dropped together
         image_drop=0.10,               # UniAnimate: y (reference latent) dropped
         dtype="bfloat16", attention="xla", log_every=50))
-    c.student = ml_collections.ConfigDict(dict(num_layers=6))   # teacher width, fewer blocks
+    c.student = ml_collections.ConfigDict(dict(num_layers=6))   # <= teacher.num_layers (same width)
     c.sample = ml_collections.ConfigDict(dict(
         teacher_steps=50, teacher_shift=5.0, cfg_scale=1.5, sampler="euler",
         student_steps=(1000, 750, 500, 250), student_shift=5.0, num_frame_per_block=3))
     c.targets = ml_collections.ConfigDict(dict(n=1024, batch=64, seed=7))
     c.distill = ml_collections.ConfigDict(dict(
         ode=ml_collections.ConfigDict(dict(batch=32, lr=2e-4, warmup=50, weight_decay=0.01, b1=0.9, b2=0.99,
-                                           grad_clip=1.0, ema_decay=0.0, steps=6000, max_seconds=45.0,
+                                           grad_clip=1.0, ema_decay=0.0, steps=6000, max_seconds=40.0,
                                            log_every=25)),
         # Self-Forcing DMD after the ODE stage (off by default: the ODE student is the shipped one).
         # guidance = sample.cfg_scale - 1 on x0; shift / score shift = the student / teacher shifts.
@@ -83,7 +85,8 @@ def _base() -> ml_collections.ConfigDict:
                                            gen_update_ratio=5, lr=2e-5, lr_critic=2e-5, b1=0.0, b2=0.999,
                                            weight_decay=0.01, grad_clip=10.0, warmup=0, ema_decay=0.99,
                                            ema_start=0))))
-    c.eval = ml_collections.ConfigDict(dict(n=32, seed=100, alpha=0.1, workers=0, timing_clips=8,
+    c.eval = ml_collections.ConfigDict(dict(n=24, seed=100, alpha=0.1, workers=0, timing_clips=8,
+                                            cpu_timing_clips=3,   # also time both models on the host CPU
                                             vae_check=True))
     c.export = ml_collections.ConfigDict(dict(dtype="float16", max_mb=20.0))
     return c

@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     S.print_artefacts(r)
     checks = r.extra.get("summary", {}).get("checks", {})
     for k, c in checks.items():
-        print(f"[world] {k}: {c['value']:.4g} (target {c['target']}) {'' if c['ok'] is None else ('ok' if c['ok'] else 'NOT MET')}",
-              file=sys.stderr)
+        verdict = "" if c["ok"] is None else ("ok" if c["ok"] else "NOT MET")
+        print(f"[world] {k}: {c['value']:.4g} (target {c['target']}) {verdict}", file=sys.stderr)
     print(f"[world] done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 

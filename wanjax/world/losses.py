@@ -7,8 +7,9 @@
   pose tokens and the reference-pose features are dropped together with probability ``pose_drop``
   (5 %), ``y`` with probability ``image_drop`` (10 %), and the reference pose is added to ``y`` after
   the image dropout so that it survives it (the conditioning code is the distillation's:
-  ``wanjax.distill.ode.conditioning_batch`` + ``wanjax.distill.dmd.resolve_cond``). The CFG negative branch at inference (no pose tokens,
-  same ``y``) is therefore something the teacher has seen the pose-free half of.
+  ``wanjax.distill.ode.conditioning_batch`` + ``wanjax.distill.dmd.resolve_cond``). The CFG
+  negative branch at inference (no pose tokens, same ``y``) is therefore something the teacher has
+  seen the pose-free half of.
   Deviation: the sampled ``t`` is used as is (UniAnimate rounds it to bf16 before the grid lookup).
 * :func:`vae_loss` - reconstruction of a :class:`wanjax.models.vae.WanVAE` on pixel clips in [-1, 1]:
   ``mean(w * (|e| + l2_weight e^2))`` with ``e`` = decoded - target and ``w = 1 + marker_weight`` on

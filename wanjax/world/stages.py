@@ -202,8 +202,8 @@ def stage_data(run: Run) -> tuple[D.Clips, D.Clips]:
     cfg, p = run.cfg, run.p
     with run.stage("data") as rec:
         w = int(cfg.data.workers)
-        train = _cached_clips(p.data / "train.npz",
-                              lambda: D.render_split(cfg.data, "train", int(cfg.data.n_train), workers=w, progress=True))
+        train = _cached_clips(p.data / "train.npz", lambda: D.render_split(
+            cfg.data, "train", int(cfg.data.n_train), workers=w, progress=True))
         val = _cached_clips(p.data / "val.npz",
                             lambda: D.render_split(cfg.data, "val", int(cfg.data.n_val), workers=w))
         write_heldout(val, p.heldout, float(cfg.data.fps), workers=w)
@@ -594,6 +594,8 @@ def stage_export(run: Run, student_root: Path, val: D.Clips) -> Path:
 def stage_eval(run: Run, teacher_root: Path, bundle_root: Path, val: D.Clips) -> dict[str, Any]:
     """Teacher (``<work>/teacher``) vs the bundled student on the first ``eval.n`` held-out clips
     (:mod:`wanjax.world.compare`); the means are also written into the bundle's ``world.json``."""
+    import jax
+
     from wanjax.videoio import write_json_atomic
     from wanjax.world import compare
     from wanjax.world.bundle import read_world
@@ -602,11 +604,18 @@ def stage_eval(run: Run, teacher_root: Path, bundle_root: Path, val: D.Clips) ->
     with run.stage("eval") as rec:
         n = min(int(cfg.eval.n), len(val))
         clips = val.subset(np.arange(n))
-        gen = compare.generate({"teacher": teacher_root, "student": bundle_root}, clips, cfg, out_dir=p.eval)
-        videos = {"gt": clips.video, **{k: v["frames"] for k, v in gen.items()}}
+        roots = {"teacher": teacher_root, "student": bundle_root}
+        gen = compare.generate(roots, clips, cfg, out_dir=p.eval)
+        dev = jax.devices()[0].platform
+        speeds = {dev: compare.speed(gen, int(cfg.eval.timing_clips))}
+        k = min(int(cfg.eval.cpu_timing_clips), n)
+        mesh = compare.cpu_mesh() if dev != "cpu" and k > 0 else None
+        if mesh is not None:  # the same models timed on the host CPU (the bundled default's device)
+            speeds["cpu"] = compare.speed(compare.generate(roots, clips.subset(np.arange(k)), cfg, mesh=mesh), k)
+        videos = {"gt": clips.video, **{k_: v["frames"] for k_, v in gen.items()}}
         met = compare.metrics(videos, clips, float(cfg.eval.alpha), int(cfg.eval.workers))
-        summ = compare.summarize(gen, met, int(cfg.eval.timing_clips))
-        rec.update(n=n, **{f"pck_{k}": met["mean"][k]["pck"] for k in videos})
+        summ = compare.summarize(met, speeds)
+        rec.update(n=n, **{f"pck_{k_}": met["mean"][k_]["pck"] for k_ in videos})
         run.extra.update(metrics={"n": n, "mean": met["mean"], "per_clip": met["per_clip"]}, summary=summ)
         w = read_world(bundle_root)
         w["heldout"] = {"n": n, "mean": met["mean"], "speed": summ["speed"], "checks": summ["checks"]}
@@ -646,9 +655,8 @@ def stage_report(run: Run, ev: dict[str, Any]) -> dict[str, Path]:
             xs, ys = _curve(rd, key)
             if xs:
                 win = max(1, len(xs) // 25)
-                out[f"loss_{name}"] = curve_png(p.img / f"loss_{name}.png",
-                                                {f"{name} loss": (xs, ys), f"moving average ({win})": (xs, smooth(ys, win))},
-                                                f"{name} training loss")
+                series = {f"{name} loss": (xs, ys), f"moving average ({win})": (xs, smooth(ys, win))}
+                out[f"loss_{name}"] = curve_png(p.img / f"loss_{name}.png", series, f"{name} training loss")
                 curves.append(name)
         dev = jax.devices()[0]
         summary = {"config": cfg.to_dict(), "command": run.command, "device": f"{dev.device_kind} ({dev.platform})",
