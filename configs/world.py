@@ -53,8 +53,8 @@ def _base() -> ml_collections.ConfigDict:
         clip_frames=21,                # training clips: random 1+4k-frame windows of the videos (the
                                        # full length: the causal convs then see inference-length history)
         crop=48,                       # ... and random crop x crop squares of them (0: whole frames)
-        batch=16, lr=5e-4, warmup=100, weight_decay=0.0, b1=0.9, b2=0.99, grad_clip=1.0,
-        steps=6000, max_seconds=50.0,
+        batch=16, lr=8e-4, warmup=100, weight_decay=0.0, b1=0.9, b2=0.99, grad_clip=1.0,
+        steps=6000, max_seconds=60.0,
         noise_frac=0.05,               # latent noise (fraction of the batch latent std) in training
         marker_weight=10.0,            # extra pixel weight on the saturated key-colour markers
         l2_weight=1.0,                 # loss = weight * (|e| + l2_weight * e^2) on [-1, 1] pixels
@@ -65,7 +65,7 @@ def _base() -> ml_collections.ConfigDict:
         init="",                       # "" = from scratch; else an inference root with dit/ + pose/
         batch=32, lr=3e-4, warmup=200, weight_decay=0.01, b1=0.9, b2=0.99, grad_clip=1.0,
         ema_decay=0.999,
-        steps=12000, max_seconds=130.0,
+        steps=12000, max_seconds=125.0,
         shift=5.0,                     # FlowMatchGrid shift of the training timesteps (UniAnimate: 5)
         pose_drop=0.05,                # UniAnimate: pose tokens + reference pose dropped together
         image_drop=0.10,               # UniAnimate: y (reference latent) dropped
