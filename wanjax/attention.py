@@ -61,12 +61,31 @@ def xla_attention(q, k, v, *, mask=None, kv_len=None, scale: float | None = None
                       preferred_element_type=jnp.float32).astype(q.dtype)
 
 
+CUDNN_SEQ_MULTIPLE = 64  # cuDNN's fused attention backward takes only sequence lengths of this multiple
+
+
+def _pad_seq(a, multiple: int):
+    pad = -a.shape[1] % multiple
+    return a if pad == 0 else jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
+
+
 def _cudnn(q, k, v, kv_len=None, scale=None):
+    """cuDNN flash attention. Its backward pass accepts only sequence lengths that are multiples of
+    64 (the forward takes any): q and k/v are zero-padded to that multiple and the padding is
+    masked with ``query_seq_lengths`` / ``key_value_seq_lengths``. Nothing changes for aligned
+    lengths; at 480x832, 32,760 and 4,680 query tokens gain 8 rows and the 257 CLIP tokens 63."""
+    B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
+    kv = jnp.full((B,), Lk, jnp.int32) if kv_len is None else jnp.broadcast_to(
+        jnp.asarray(kv_len, jnp.int32).reshape(-1), (B,))
     kwargs = {}
-    if kv_len is not None:
-        kwargs["key_value_seq_lengths"] = jnp.broadcast_to(
-            jnp.asarray(kv_len, jnp.int32).reshape(-1), (q.shape[0],))
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn", **kwargs)
+    if kv_len is not None or Lk % CUDNN_SEQ_MULTIPLE:
+        kwargs["key_value_seq_lengths"] = kv
+    if Lq % CUDNN_SEQ_MULTIPLE:
+        kwargs["query_seq_lengths"] = jnp.full((B,), Lq, jnp.int32)
+    out = jax.nn.dot_product_attention(_pad_seq(q, CUDNN_SEQ_MULTIPLE), _pad_seq(k, CUDNN_SEQ_MULTIPLE),
+                                       _pad_seq(v, CUDNN_SEQ_MULTIPLE), scale=scale, implementation="cudnn",
+                                       **kwargs)
+    return out[:, :Lq]
 
 
 def attention(q, k, v, *, backend: str = "xla", kv_len=None, scale: float | None = None):
