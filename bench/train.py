@@ -130,8 +130,8 @@ def run_stage(args) -> dict:
         trainer = Trainer({"student": student, "critic": critic}, {"student": opt(2e-6), "critic": opt(4e-7)},
                           phases, mesh, frozen={"teacher": teacher}, ema={"student": EMAConfig(0.99, 0)})
         phase = args.stage
-    state = trainer.init_state()
     del student, critic, teacher
+    state = trainer.init_state(keep_initial=False)
     jax.block_until_ready(state)
     t_build = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -64,8 +64,8 @@ def main(argv) -> int:
     if cfg is None:
         print("error: --config configs/distill.py:NAME is required", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("wanjax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax logs every save step at INFO
     from wanjax.checkpoint import CheckpointError
     from wanjax.data.targets import TargetError
     from wanjax.distill.objectives import DistillError, run

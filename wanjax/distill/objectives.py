@@ -318,13 +318,17 @@ def make_validator(cfg, samples: Sequence[Mapping[str, np.ndarray]], ids: Sequen
     def validate(trainer: loop_lib.Trainer, state: st.TrainState, step: int):
         mdef = trainer.defs["student"]
         if "fn" not in fns:
-            def run(params, b, key):
+            def run(params, b, key_data):
                 model = mdef.merge(params)
-                x = ode.student_sample(model, b, b["noise"], key, shift=shift, steps=steps)
+                x = ode.student_sample(model, b, b["noise"], jax.random.wrap_key_data(key_data), shift=shift,
+                                       steps=steps)
                 return x, jnp.mean(jnp.square(x.astype(jnp.float32) - b["x0"]), axis=(1, 2, 3, 4))
-            fns["fn"] = jax.jit(run)
+            repl = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
+            fns["fn"] = jax.jit(run, out_shardings=(repl, repl))
+            fns["batch"] = loop_lib.replicate(batch, trainer.mesh)
+            fns["key"] = loop_lib.replicate(st.base_key(cfg.seed), trainer.mesh)
         params = state.models["student"].ema if use_ema else state.models["student"].params
-        x, err = fns["fn"](params, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(cfg.seed))
+        x, err = fns["fn"](params, fns["batch"], fns["key"])
         err = np.asarray(jax.device_get(err))
         if decode is not None and jax.process_index() == 0:
             # the latents come back to the host: the VAE lives on this process's default device
@@ -425,6 +429,8 @@ def run(cfg, dataset=None, *, on_step=None, guard=None, mesh=None) -> loop_lib.T
         ckpt_lib.check_meta_compatible(ck.read_meta().get("fingerprint", {}), fp, str(ck.directory))
         state, _ = ck.restore(trainer.abstract_state())
         log.info("resuming %s from step %d", workdir, int(state.step))
+    else:
+        state = trainer.init_state(keep_initial=False)
     meta = {"fingerprint": fp, "config": json.loads(cfg.to_json_best_effort())}
     lc = loop_lib.LoopConfig(total_steps=cfg.total_steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
                              val_every=cfg.val.every, progress=cfg.progress, peak_flops=cfg.peak_tflops * 1e12 or None)
@@ -434,7 +440,11 @@ def run(cfg, dataset=None, *, on_step=None, guard=None, mesh=None) -> loop_lib.T
                                 guard=guard)
     finally:
         ck.close()
-    if result.status == "done" and cfg.export.enabled and jax.process_index() == 0:
+    if result.status == "done" and cfg.export.enabled and jax.process_count() > 1:
+        log.warning("export skipped: %d processes (the inference checkpoint is written by one process); run the "
+                    "same command on one host (adjust --config.mesh) to export the final checkpoint",
+                    jax.process_count())
+    elif result.status == "done" and cfg.export.enabled:
         use_ema = cfg.ema.decay > 0
         model = trainer.model(result.state, "student", ema=use_ema)
         out = ckpt_lib.export_inference(model, cfg.export.dir or workdir / "export",

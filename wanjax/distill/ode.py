@@ -138,7 +138,7 @@ def ode_loss(student, batch: Mapping[str, jax.Array], key: jax.Array, *, cfg: OD
     err = _x0_error(student, batch, idx, cond)
     w = (idx < S).astype(F32)
     loss = jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1.0)
-    aux = {"clean_frac": 1.0 - jnp.mean(w)}
+    aux = {"clean_frac": jnp.mean((idx == S).astype(F32))}
     for i in range(S):
         m = (idx == i).astype(F32)
         aux[f"x0_mse_{i}"] = jnp.sum(err * m) / jnp.maximum(jnp.sum(m), 1.0)

@@ -199,13 +199,18 @@ class Trainer:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                             self.state_shardings)
 
-    def init_state(self) -> st.TrainState:
-        """A fresh, sharded state from the models given at construction (must be concrete)."""
+    def init_state(self, *, keep_initial: bool = True) -> st.TrainState:
+        """A fresh, sharded state from the models given at construction (must be concrete).
+        ``keep_initial=False`` drops the trainer's reference to the initial parameters afterwards (their
+        device memory is freed once the caller's models are gone; init_state cannot run again)."""
         if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self._init_params)):
-            raise ValueError("the models are abstract (nnx.eval_shape); restore a checkpoint instead of "
-                             "init_state, or build concrete models")
+            raise ValueError("the models are abstract (nnx.eval_shape) or their initial parameters were "
+                             "released; restore a checkpoint instead of init_state, or build concrete models")
         init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
-        return init(self._init_params)
+        state = init(self._init_params)
+        if not keep_initial:
+            self._init_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._init_params)
+        return state
 
     def model(self, state: st.TrainState, name: str, *, ema: bool = False) -> nnx.Module:
         """The nnx model ``name`` with the state's (EMA) parameters."""
@@ -584,6 +589,18 @@ def _to_float(v) -> float:
     return float(np.asarray(jax.device_get(v)))
 
 
+def replicate(tree, mesh: Mesh):
+    """Host arrays (the same on every process) -> global arrays replicated over ``mesh``."""
+    sh = _replicated(mesh)
+
+    def one(a):
+        a = np.asarray(a)
+        if jax.process_count() == 1:
+            return jax.device_put(a, sh)
+        return jax.make_array_from_process_local_data(sh, a, a.shape)
+    return jax.tree.map(one, tree)
+
+
 def train(trainer: Trainer, make_batches: Callable[[int, int], Iterator[Mapping[str, dict]]], cfg: LoopConfig, *,
           state: st.TrainState | None = None, checkpointer=None, meta: Mapping[str, Any] | None = None,
           metrics_path: str | os.PathLike | None = None, validate: Callable | None = None,
@@ -636,6 +653,7 @@ def train(trainer: Trainer, make_batches: Callable[[int, int], Iterator[Mapping[
     saved_at = None
     t_last, steps_since = time.perf_counter(), 0
     flops_acc = tokens_acc = 0.0
+    history_first: dict = {}
     step = start
 
     def save(step_done: int, wait: bool = False):
@@ -659,10 +677,19 @@ def train(trainer: Trainer, make_batches: Callable[[int, int], Iterator[Mapping[
             step += 1
             steps_since += 1
             pbar.update(1)
+            if step == start + 1:
+                # the first iteration compiles: time it apart, so step time / MFU measure steady state
+                jax.block_until_ready(metrics)
+                first_s = time.perf_counter() - t_last
+                log.info("first iteration (compilation included): %.1f s", first_s)
+                history_first = {"first_step_s": first_s}
+                if step < cfg.total_steps and step % cfg.log_every:
+                    t_last, steps_since, flops_acc, tokens_acc = time.perf_counter(), 0, 0.0, 0.0
             if step % cfg.log_every == 0 or step == cfg.total_steps:
                 vals = {k: _to_float(v) for k, v in metrics.items()}
                 dt = (time.perf_counter() - t_last) / steps_since
-                rec = {"step": step, **vals, "step_time_s": dt}
+                rec = {"step": step, **vals, "step_time_s": dt, **history_first}
+                history_first = {}
                 if tokens_acc:
                     rec["tokens_per_s"] = tokens_acc / steps_since / dt
                 if flops_acc:
