@@ -126,7 +126,7 @@ def run_stage(args) -> dict:
                         context_sigma=0.0, last_step_only=False, gen_update_ratio=1),
                  ode=ns(pose_drop=0.05, image_drop=0.10))
         phases = objectives.dmd_phases(cfg, student, teacher, critic, sample)
-        opt = lambda lr: make_optimizer(lr, b1=0.0, b2=0.999)
+        opt = lambda lr: make_optimizer(lr, b1=0.0, b2=0.999, mu_dtype=args.dmd_mu_dtype or None)
         trainer = Trainer({"student": student, "critic": critic}, {"student": opt(2e-6), "critic": opt(4e-7)},
                           phases, mesh, frozen={"teacher": teacher}, ema={"student": EMAConfig(0.99, 0)})
         phase = args.stage
@@ -167,6 +167,8 @@ def main(argv=None):
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak (0: from the device kind)")
+    ap.add_argument("--dmd_mu_dtype", default="bfloat16",
+                    help="Adam first-moment dtype of the DMD stages (configs/distill.py: bfloat16; '' = fp32)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.only:

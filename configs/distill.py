@@ -47,7 +47,7 @@ def _base() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict(dict(preset="teacher_14b", ckpt_dir="", dtype="bfloat16"))
     c.critic = ml_collections.ConfigDict(dict(preset=""))   # "": the student's preset and initial weights
     c.optim = ml_collections.ConfigDict(dict(lr=2e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
-                                             max_grad_norm=10.0, warmup_steps=0))
+                                             max_grad_norm=10.0, warmup_steps=0, mu_dtype=""))  # "": params'
     c.ema = ml_collections.ConfigDict(dict(decay=0.99, start_step=200))   # decay 0: no EMA
     # ODE regression (and UniAnimate's dropout recipe, shared with dmd)
     c.ode = ml_collections.ConfigDict(dict(clean_context=True, pose_drop=0.05, image_drop=0.10))
@@ -92,4 +92,6 @@ def get_config(name: str = "tiny") -> ml_collections.ConfigDict:
         c.total_steps = 600 if not name.startswith("tiny") else 4
         c.optim.max_grad_norm = 10.0
         c.optim.weight_decay = 0.01
+        if not name.startswith("tiny"):
+            c.optim.mu_dtype = "bfloat16"   # b1 = 0: Adam's first moment is the gradient itself
     return c

@@ -382,7 +382,8 @@ def build(cfg, dataset=None, mesh=None):
         trainer = loop_lib.Trainer(
             {"student": student},
             {"student": loop_lib.make_optimizer(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                                                max_grad_norm=o.max_grad_norm, warmup_steps=o.warmup_steps)},
+                                                max_grad_norm=o.max_grad_norm, warmup_steps=o.warmup_steps,
+                                                mu_dtype=o.mu_dtype or None)},
             phases, mesh, ema={"student": ema_cfg} if ema_cfg else None, master_dtype=jnp.dtype(cfg.master_dtype),
             accum_steps=cfg.accum_steps, seed=cfg.seed)
     else:
@@ -390,7 +391,8 @@ def build(cfg, dataset=None, mesh=None):
         critic = build_critic(cfg, student)
         d = cfg.dmd
         opt = lambda lr: loop_lib.make_optimizer(lr, b1=d.b1, b2=d.b2, eps=o.eps, weight_decay=o.weight_decay,
-                                                 max_grad_norm=o.max_grad_norm, warmup_steps=o.warmup_steps)
+                                                 max_grad_norm=o.max_grad_norm, warmup_steps=o.warmup_steps,
+                                                 mu_dtype=o.mu_dtype or None)
         phases = dmd_phases(cfg, student, teacher, critic, first)
         trainer = loop_lib.Trainer(
             {"student": student, "critic": critic}, {"student": opt(d.lr_generator), "critic": opt(d.lr_critic)},
