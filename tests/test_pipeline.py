@@ -150,6 +150,40 @@ def test_student_stream_equals_batch_and_seeds(student):
     assert float(jnp.abs(other["latents"] - batch["latents"]).mean()) > 1e-2
 
 
+def test_reference_per_conditioning_mode(student, student_root):
+    """The pipeline's y / CLIP per mode follow wanjax.models.unianimate: image = y without the
+    reference-pose features, pose = zeros + those features (CLIP zeros), pose+image = both."""
+    from wanjax import pipeline as P
+    from wanjax.models import unianimate as ua
+
+    model, vae, ref_full, _, _ = student
+    cfg = tiny_cfg(student_root)
+    clip = P.load_clip(cfg) if model.uses_clip else None
+    ref_pose = np.asarray(pose_frames(1, 9)[0:1], np.float32) / 255.0
+    feat = np.asarray(model.ref_pose_features(ref_pose))
+    common = dict(vae=vae, clip=clip, ref_image_u8=ref_image(), ref_pose=ref_pose, y_frames=3)
+    img = P.make_reference(model, "image", **common)
+    both = P.make_reference(model, "pose+image", **common)
+    pose = P.make_reference(model, "pose", **common)
+    np.testing.assert_allclose(np.asarray(both.y), np.asarray(img.y) + feat[:, None], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pose.y), np.broadcast_to(feat[:, None], pose.y.shape), atol=1e-6)
+    if model.uses_clip:
+        assert float(jnp.abs(pose.clip_fea).max()) == 0.0 and pose.clip_fea.shape[-1] == model.cfg.image_dim
+        np.testing.assert_array_equal(np.asarray(img.clip_fea), np.asarray(both.clip_fea))
+    else:
+        assert img.clip_fea is None and pose.clip_fea is None
+    assert P.MODES == ua.MODES
+    with pytest.raises(P.PipelineError, match="conditioning.mode=pose needs the reference pose"):
+        P.make_reference(model, "pose", **{**common, "ref_pose": None})
+    with pytest.raises(P.PipelineError, match="needs a reference image"):
+        P.make_reference(model, "image", **{**common, "ref_image_u8": None})
+    with pytest.raises(P.PipelineError, match="choose one of"):
+        P.make_reference(model, "unianimate", **common)
+    no_pose = P.PoseDiT(model.dit, None)
+    with pytest.raises(P.PipelineError, match="needs pose weights"):
+        P.check_mode("pose+image", no_pose)
+
+
 @pytest.fixture(scope="module")
 def pipes(student):
     """Rolling (window 9, sink 3) and plain (12-frame cache) pipelines, 2-step schedule for speed."""
