@@ -68,7 +68,7 @@ def references(model, vae, clips, num_latent: int):
     from wanjax.pipeline import Reference
     from wanjax.world.data import reference_y
 
-    ys = reference_y(vae, clips.ref, num_latent, batch=min(8, len(clips)))
+    ys = reference_y(vae, clips.ref, num_latent)
     out = []
     for i in range(len(clips)):
         feat = model.ref_pose_features(clips.ref_pose[i][None].astype(np.float32) / 255.0)

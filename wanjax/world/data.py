@@ -209,7 +209,7 @@ def roundtrip_videos(vae, videos_u8: np.ndarray, batch: int = 4) -> np.ndarray:
     return _apply(vae, "roundtrip", videos_u8, batch)
 
 
-def reference_y(vae, refs_u8: np.ndarray, num_latent: int, batch: int = 16) -> np.ndarray:
+def reference_y(vae, refs_u8: np.ndarray, num_latent: int, batch: int = 8) -> np.ndarray:
     """``y`` without the reference-pose features for uint8 references ``[N, H, W, 3]``: mask
     ``[N, F, h, w, 4]`` (1 on latent frame 0) next to the latents of ``[ref, grey, ...]`` (4(F-1)+1
     frames). Equal to ``wanjax.pipeline.build_y(vae, ref, F, None)`` for every reference."""

@@ -85,10 +85,11 @@ def pose_dit_config(cfg, *, causal: bool = False, num_layers: int | None = None)
 
 
 def build_pose_dit(pcfg, seed: int = 0):
-    """A freshly initialised PoseDiT, its initialisation compiled as one program (fast on CPU)."""
+    """A freshly initialised PoseDiT, its initialisation compiled as one program with the ``rbg``
+    PRNG (compiles several times faster than threefry on a CPU)."""
     from wanjax.models.unianimate import PoseDiT
 
-    make = lambda: PoseDiT(pcfg, rngs=nnx.Rngs(jax.random.key(int(seed))))  # noqa: E731
+    make = lambda: PoseDiT(pcfg, rngs=nnx.Rngs(jax.random.key(int(seed), impl="rbg")))  # noqa: E731
     graphdef, _ = nnx.split(nnx.eval_shape(make))
     state = jax.jit(lambda: nnx.state(make()))()
     return nnx.merge(graphdef, state)
