@@ -42,6 +42,7 @@ def _base() -> ml_collections.ConfigDict:
     c.name = ""
     c.out_dir = "out/world"
     c.work_dir = ""                    # large intermediates; "" = <out_dir>/work
+    c.redo = ""                        # data | vae | teacher | targets | distill: recompute it and what follows
     c.seed = 0
     c.jax_cache = True                 # persistent XLA compilation cache in <out_dir>/jax_cache
     c.data = ml_collections.ConfigDict(dict(

@@ -210,3 +210,22 @@ def test_vae_training_windows_and_crops():
         random_windows(jax.numpy.asarray(v), 5, jax.random.key(0), crop=12)
     px = jax.numpy.asarray([[1.0, -1.0, -1.0], [0.2, 0.1, -0.3], [1.0, 1.0, -1.0]])
     np.testing.assert_array_equal(np.asarray(marker_mask(px)), [1.0, 0.0, 1.0])
+
+
+def test_redo_removes_a_stage_and_everything_after_it(tmp_path):
+    from configs.world import get_config
+    from wanjax.world.stages import Run, apply_redo
+
+    cfg = get_config("ci")
+    cfg.out_dir = str(tmp_path)
+    run = Run(cfg)
+    for d in ("data", "vae", "teacher", "teacher_run", "targets", "student", "student_run"):
+        (run.p.work / d).mkdir()
+    (run.p.work / "latents.npz").write_bytes(b"x")
+    cfg.redo = "teacher"
+    gone = {p.name for p in apply_redo(run)}
+    assert gone == {"teacher", "teacher_run", "targets", "student", "student_run"}
+    assert (run.p.work / "vae").is_dir() and (run.p.work / "latents.npz").is_file()
+    cfg.redo = "nonsense"
+    with pytest.raises(ValueError, match="redo"):
+        apply_redo(run)

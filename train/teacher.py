@@ -15,7 +15,8 @@ config); the data and latents are reused or made. Training runs on the shared lo
 checkpoint there from which an interrupted run resumes (SIGTERM saves and exits). Output: the EMA
 teacher as an inference root ``<work_dir>/teacher`` (dit/, pose/, vae -> the world's VAE, text.npz,
 world.json), loadable with ``infer.generate`` through ``wanjax.world.bundle.infer_config(root,
-"teacher")``. Errors print ``error: ...`` and exit with 2.
+"teacher")``. A finished teacher is reused; ``--config.redo=teacher`` trains it again (and drops the
+world's later stages). Errors print ``error: ...`` and exit with 2.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
         r = S.Run(cfg, " ".join(["python -m train.teacher"] + argv))
         if not (r.p.vae / "config.json").is_file():
             raise UsageError(f"no trained VAE in {r.p.vae}: run python -m train.vae with the same --config first")
+        S.apply_redo(r)
         train, _ = S.stage_data(r)
         vae = S.stage_vae(r, train)
         x0, ref_y = S.stage_latents(r, vae, train)

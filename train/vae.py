@@ -25,6 +25,7 @@ def main(argv=None) -> int:
         cfg = S.parse_args(argv, "python -m train.vae")
         S.setup_jax(cfg)
         r = S.Run(cfg, " ".join(["python -m train.vae"] + argv))
+        S.apply_redo(r)
         train, _ = S.stage_data(r)
         vae = S.stage_vae(r, train)
         S.stage_latents(r, vae, train)

@@ -3,7 +3,8 @@
     python -m train.world --config configs/world.py:NAME [--config.out_dir=DIR] [--config.work_dir=DIR]
                           [--config.a.b=VALUE ...]
 
-Stages (each logs its wall time; each is skipped when its output exists, so a rerun resumes):
+Stages (each logs its wall time; a training stage is skipped when its output exists, so a rerun
+resumes; ``--config.redo=STAGE`` recomputes a stage and everything after it):
 render the synthetic clips -> train the VAE -> encode latents -> check the VAE's marker
 reproduction on the held-out clips -> train the pose + reference teacher (flow matching,
 UniAnimate dropout) -> teacher targets (``wanjax.distill.targets``) -> ODE distillation of the
@@ -28,6 +29,7 @@ def run(cfg, command: str = "python -m train.world"):
 
     S.setup_jax(cfg)
     r = S.Run(cfg, command)
+    S.apply_redo(r)
     train, val = S.stage_data(r)
     vae = S.stage_vae(r, train)
     x0, ref_y = S.stage_latents(r, vae, train)

@@ -1,7 +1,8 @@
 """The stages of ``python -m train.world`` (and of ``train.vae`` / ``train.teacher``).
 
-Every stage is resumable: it returns at once when its output exists (delete the output to redo a
-stage), and its wall time and status go to ``<out_dir>/world.json``. Outputs:
+Every training stage is resumable: it returns at once when its output exists
+(``--config.redo=STAGE`` deletes the outputs of a stage and of all later ones), and its wall time and
+status go to ``<out_dir>/world.json``; the export, evaluation and report always run. Outputs:
 
 ``<work_dir>/`` (large intermediates; ``work_dir`` defaults to ``<out_dir>/work``)
     data/train.npz, data/val.npz   rendered clips (``wanjax.world.data.Clips``)
@@ -102,6 +103,39 @@ class Run:
                                               "stages": self.stages, "elapsed_s": time.perf_counter() - self.t0,
                                               "paths": {"out": str(self.p.out), "work": str(self.p.work)},
                                               **self.extra})
+
+
+# stage -> its outputs (under work_dir); a stage is redone when its outputs are gone
+STAGE_OUTPUTS = (("data", ("data", "heldout")), ("vae", ("vae", "vae_run", "latents.npz")),
+                 ("teacher", ("teacher", "teacher_run")), ("targets", ("targets",)),
+                 ("distill", ("student_init", "student", "student_run", "student_dmd", "dmd_run")))
+
+
+def apply_redo(run: Run) -> list[Path]:
+    """``--config.redo=STAGE`` (data | vae | teacher | targets | distill): delete the outputs of that
+    stage and of every later one, so that they are recomputed (the export, evaluation and report
+    always run). Returns the deleted paths."""
+    import shutil
+
+    name = str(run.cfg.get("redo", "") or "")
+    if not name:
+        return []
+    names = [n for n, _ in STAGE_OUTPUTS]
+    if name not in names:
+        raise ValueError(f"--config.redo={name!r}: choose one of {names}")
+    gone = []
+    for n, outs in STAGE_OUTPUTS[names.index(name):]:
+        for o in outs:
+            path = run.p.work / o
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            gone.append(path)
+    log.info("redo %s: removed %s", name, ", ".join(str(g) for g in gone) or "nothing")
+    return gone
 
 
 def parse_args(argv: list[str], prog: str):
@@ -580,9 +614,6 @@ def stage_export(run: Run, student_root: Path, val: D.Clips) -> Path:
 
     cfg, p = run.cfg, run.p
     with run.stage("export") as rec:
-        if (p.bundle / "world.json").is_file():
-            rec["status"] = "cached"
-            return p.bundle
         info = {**world_info(cfg), "provenance": {"command": run.command, "preset": cfg.name}}
         write_bundle(p.bundle, student_root=student_root, vae_dir=p.vae, context=D.stand_in_context(cfg.text),
                      example=example_of(val, 0), world=info, dtype=str(cfg.export.dtype),
@@ -709,6 +740,6 @@ def print_artefacts(run: Run, extra: dict[str, Path] | None = None) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-__all__ = ["Paths", "paths", "Run", "parse_args", "setup_jax", "world_info", "stage_data", "stage_vae",
+__all__ = ["Paths", "paths", "Run", "apply_redo", "parse_args", "setup_jax", "world_info", "stage_data", "stage_vae",
            "stage_latents", "stage_teacher", "stage_targets", "stage_ode", "stage_dmd", "stage_eval", "stage_export",
            "stage_report", "print_artefacts", "teacher_model", "write_heldout"]
