@@ -229,3 +229,52 @@ def test_redo_removes_a_stage_and_everything_after_it(tmp_path):
     cfg.redo = "nonsense"
     with pytest.raises(ValueError, match="redo"):
         apply_redo(run)
+
+
+def test_fit_stops_on_its_time_budget_and_on_sigterm(tmp_path):
+    """The world's training adapter on the shared loop: ``max_seconds`` ends a stage cleanly
+    (status ``time_budget``); SIGTERM saves a checkpoint and raises ``Preempted``, and the same call
+    then resumes from it."""
+    import os
+    import signal
+
+    import ml_collections
+    from flax import nnx
+
+    from wanjax.nn import Linear
+    from wanjax.world.data import ArrayDataset
+    from wanjax.world.fit import Preempted, fit
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.lin = Linear(4, 1, rngs=nnx.Rngs(0))
+
+    def loss_fn(model, batch, key):
+        err = model.lin(batch["x"])[:, 0] - batch["y"]
+        return jax.numpy.mean(err ** 2), {}
+
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    data = ArrayDataset({"x": x, "y": x @ np.array([1.0, -2.0, 0.5, 3.0], np.float32)})
+    opt = ml_collections.ConfigDict(dict(lr=1e-2, warmup=0, b1=0.9, b2=0.99, weight_decay=0.0, grad_clip=1.0))
+    res = fit(Net(), loss_fn, data, name="net", opt=opt, batch=8, steps=10 ** 7, max_seconds=0.3, log_every=1000,
+              progress=False)
+    assert res.status == "time_budget" and 0 < res.steps < 10 ** 7 and res.train_seconds >= 0.3
+
+    class Bomb(ArrayDataset):  # sends SIGTERM while the 5th batch is read
+        reads = 0
+
+        def __getitem__(self, i):
+            Bomb.reads += 1
+            if Bomb.reads == 8 * 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__getitem__(i)
+
+    bomb = Bomb({"x": data.arrays["x"], "y": data.arrays["y"]})
+    with pytest.raises(Preempted, match="rerun"):
+        fit(Net(), loss_fn, bomb, name="net", opt=opt, batch=8, steps=1000, log_every=1, workdir=tmp_path,
+            progress=False)
+    assert any((tmp_path / "ckpt").iterdir())
+    Bomb.reads = -10 ** 9  # no second bomb: the resumed run finishes
+    res = fit(Net(), loss_fn, bomb, name="net", opt=opt, batch=8, steps=12, log_every=1, workdir=tmp_path,
+              progress=False)
+    assert res.status == "done" and res.steps == 12 and res.history[0]["step"] > 1

@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from infer.generate import UsageError
     from wanjax.world import stages as S
+    from wanjax.world.fit import Preempted
 
     try:
         cfg = S.parse_args(argv, "python -m train.vae")
@@ -29,6 +30,9 @@ def main(argv=None) -> int:
         train, _ = S.stage_data(r)
         vae = S.stage_vae(r, train)
         S.stage_latents(r, vae, train)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 0
     except (UsageError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,9 @@ UniAnimate dropout) -> teacher targets (``wanjax.distill.targets``) -> ODE disti
 (``<out_dir>/docs/RESULTS.md``, ``docs/img/strip.png``, ``docs/img/loss_*.png``).
 NAME: ``ci`` (seconds on a CPU, mechanics only) or ``full`` (about 8 minutes on one H100). It needs
 nothing but the repository and the installed packages (no network, no downloaded weights).
-At the end it prints where every artefact went. Errors print ``error: ...`` and exit with 2.
+At the end it prints where every artefact went. Errors print ``error: ...`` and exit with 2. A
+SIGTERM during a training stage saves that stage's checkpoint and exits with 0; rerunning the same
+command (same ``work_dir``) resumes there.
 """
 from __future__ import annotations
 
@@ -57,11 +59,15 @@ def main(argv=None) -> int:
     from infer.generate import UsageError
     from wanjax.world import stages as S
     from wanjax.world.bundle import BundleError
+    from wanjax.world.fit import Preempted
 
     t0 = time.perf_counter()
     try:
         cfg = S.parse_args(argv, "python -m train.world")
         r = run(cfg, " ".join(["python -m train.world"] + argv))
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 0
     except (UsageError, BundleError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

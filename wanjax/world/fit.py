@@ -21,6 +21,11 @@ import jax
 log = logging.getLogger("wanjax.world")
 
 
+class Preempted(RuntimeError):
+    """A stage's training loop was stopped by SIGTERM: its checkpoint is saved, the run must stop
+    (rerunning the same command resumes from the checkpoint)."""
+
+
 class TimeBudget:
     """Stop guard for :func:`wanjax.training.train`: SIGTERM (via ``PreemptionGuard``) or time out."""
 
@@ -111,7 +116,10 @@ def fit(model, loss_fn: Callable, dataset, *, name: str, opt, batch: int, steps:
         if ckpt is not None:
             ckpt.close()
     status = res.status
-    if status == "preempted" and budget.timed_out and not budget.inner.requested:
+    if budget.inner.requested:
+        raise Preempted(f"{name}: stopped by SIGTERM at step {int(jax.device_get(res.state.step))}; the checkpoint "
+                        f"is saved in {workdir}; rerun the same command to resume")
+    if status == "preempted" and budget.timed_out:
         status = "time_budget"
     steps_done = int(jax.device_get(res.state.step))
     log.info("%s: %d steps (%s) in %.1f s of training", name, steps_done, status, budget.elapsed)

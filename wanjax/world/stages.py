@@ -521,7 +521,7 @@ def _distill(run: Run, name: str, objective: str, init_root: Path, teacher_root:
     from wanjax.models import unianimate as ua
     from wanjax.sharding import make_mesh
     from wanjax.training import export_inference
-    from wanjax.world.fit import TimeBudget
+    from wanjax.world.fit import Preempted, TimeBudget
 
     cfg = run.cfg
     sec = cfg.distill.ode if objective == "ode" else cfg.distill.dmd
@@ -542,8 +542,10 @@ def _distill(run: Run, name: str, objective: str, init_root: Path, teacher_root:
                              mesh=make_mesh(devices=jax.devices()[:1]))
     finally:
         budget.uninstall()
-    status = "time_budget" if (res.status == "preempted" and budget.timed_out and not budget.inner.requested) \
-        else res.status
+    if budget.inner.requested:
+        raise Preempted(f"{name}: stopped by SIGTERM at step {int(jax.device_get(res.state.step))}; the checkpoint "
+                        f"is saved in {workdir}; rerun the same command to resume")
+    status = "time_budget" if (res.status == "preempted" and budget.timed_out) else res.status
     if res.status != "done":
         ms = res.state.models["student"]
         params = ms.ema if ms.ema is not None else ms.params
