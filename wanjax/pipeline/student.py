@@ -221,18 +221,18 @@ class StudentPipeline:
                                             y=y, pose=pose)
         return x0, cache
 
-    def _precompile(self, ckv, y, pose, T: int, decoder, feed) -> None:
+    def _precompile(self, ckv, y, pose, T: int, decoder, feed, variants=(True, False)) -> None:
         """Compile every executable of a stream (both block variants, the VAE steps, the pose
         windows) before the KV cache is allocated. XLA's autotuning tries convolution and GEMM
         algorithms with large scratch buffers while it compiles; done here, that happens with only
         the weights resident, so the first video peaks no higher than later ones (the compiled
         executables land in the jit caches, later calls reuse them)."""
         nfb, hw = self.nfb, self._latent_hw
-        sig = (hw, T, y is None, pose is None, decoder is not None)
+        sig = (hw, T, y is None, pose is None, decoder is not None, tuple(variants))
         if sig in self._compiled:
             return
         cache = jax.eval_shape(lambda: self.dit.init_cache(1, T))
-        for context in (True, False):
+        for context in variants:
             self._block_fn.lower(self._state, jax.random.key(0), ckv, cache, jnp.int32(0), y, pose,
                                  context=context, hw=hw).compile()
         if decoder is not None:
@@ -324,7 +324,12 @@ class StudentPipeline:
             s = b * nfb
             y = reference.y_slice(s, nfb)
             if cache is None:
-                self._precompile(ckv, y, pose_tok, T, decoder, feed)
+                # the block variants this run will use: with the context pass unless it is the last
+                # block of a finite run; without it only for that last block
+                variants = tuple(v for v in (True, False)
+                                 if (v and (num_latent is None or num_latent > nfb))
+                                 or (not v and num_latent is not None))
+                self._precompile(ckv, y, pose_tok, T, decoder, feed, variants)
                 cache = self.dit.init_cache(1, T)
             td = time.perf_counter()
             x0, cache = self._block_fn(self._state, jax.random.fold_in(base, b), ckv, cache, jnp.int32(s),
