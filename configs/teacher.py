@@ -22,43 +22,26 @@ from __future__ import annotations
 
 import ml_collections
 
-UA_NEGATIVE = ("细节模糊不清，字幕，作品，画作，画面，静止，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，"
-               "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，杂乱的背景，三条腿，背景人很多，倒着走")
+from configs.infer import UA_NEGATIVE, _base as _infer_base  # noqa: F401  (UA_NEGATIVE re-exported)
 
 PRESETS = ("teacher_14b", "tiny")
 
 
 def _base() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.preset = ""
+    """configs/infer.py's fields (checkpoints, sizes, dtypes, model / mesh / pose sections: the same
+    loaders read them) plus the target-generation ones."""
+    c = _infer_base()
+    for field in ("prompt", "pipeline", "window", "stream", "fps"):  # per row / inference only
+        del c[field]
     c.out_dir = ""
     c.data = ml_collections.ConfigDict(dict(manifest="", on_bad_row="stop", rows_per_shard=8))
-    c.ckpt_dir = ""
-    c.model_dir = ""
-    c.pose_dir = ""
-    c.vae_dir = ""
-    c.clip_dir = ""
-    c.t5_dir = ""
-    c.tokenizer_dir = ""
-    c.negative_prompt = UA_NEGATIVE
     c.prompt_embeds_path = ""         # .npz {prompt, negative}: skips T5 (all rows must share one prompt)
     c.height = 480
     c.width = 832
-    c.num_frames = 81
-    c.seed = 0
     c.batch_size = 0
     c.progress = True
-    c.attention = "auto"
-    c.dtype = "bfloat16"
-    c.vae_dtype = "float32"
-    c.t5_dtype = "bfloat16"
     c.sampler = ml_collections.ConfigDict(dict(name="euler", steps=50, shift=5.0, cfg_scale=1.5))
     c.student = ml_collections.ConfigDict(dict(steps=(1000, 750, 500, 250), shift=5.0))
-    c.conditioning = ml_collections.ConfigDict(dict(mode="pose+image"))
-    c.model = ml_collections.ConfigDict(dict(expect={}, num_frame_per_block=3, local_attn_size=-1,
-                                             sink_size=0, max_frames=21))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.pose = ml_collections.ConfigDict(dict(pad_last=False, start=0))
     return c
 
 
