@@ -9,7 +9,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 import wanjax  # noqa: F401
@@ -23,17 +22,6 @@ F, H, W = 6, 16, 16
 h, w = H // 8, W // 8
 NUM_POSE = 4 * (F - 1) + 1
 CLIP_TOKENS = 8   # the DiT takes any number of CLIP tokens; 257 only costs CPU time here
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cheap_compiles():
-    """XLA:CPU compile time dominates these tiny models: LLVM -O0 (jax_disable_most_optimizations) about
-    halves it and does not slow the runs down here. Codegen only, float semantics are unchanged (every
-    comparison in this file is between runs under the same setting). Restored after the module."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
 
 
 def make_teacher(seed: int = 0) -> ua.PoseDiT:

@@ -37,16 +37,6 @@ NFB = 3
 N_CLIP = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cheap_compiles():
-    """XLA:CPU compile time dominates these tiny models; LLVM -O0 (jax_disable_most_optimizations)
-    cuts it 2-3x. Codegen only: float semantics are unchanged. Restored after this module."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-
-
 def _random_model(cfg: ua.PoseDiTConfig, seed: int) -> ua.PoseDiT:
     """A PoseDiT with random numpy weights (no JAX init programs to compile): kernels
     N(0, 1/fan_in), biases N(0, 0.05^2), norm weights 1 + N(0, 0.1^2), modulation tables N(0, 0.1^2).

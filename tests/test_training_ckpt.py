@@ -26,16 +26,14 @@ BATCH = 2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cheap_compiles(tmp_path_factory):
-    """XLA:CPU compile time dominates these tiny models: LLVM -O0 (jax_disable_most_optimizations) about
-    halves it and does not slow the runs down here, and a persistent compilation cache lets the
-    restarted runs (new trainers, the same programs) skip recompiling. Codegen / caching only: float
-    semantics are unchanged (every comparison in this file is between runs under the same setting).
-    Restored after the module."""
-    names = ("jax_disable_most_optimizations", "jax_compilation_cache_dir",
-             "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
+def _compile_cache(tmp_path_factory):
+    """A persistent compilation cache lets the restarted runs (new trainers, the same programs) skip
+    recompiling (LLVM -O0 for the whole suite is set in conftest.py). Caching only: float semantics
+    are unchanged. Restored after the module."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
     old = {n: jax.config.values[n] for n in names}
-    new = (True, str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)
+    new = (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)
     for n, v in zip(names, new):
         jax.config.update(n, v)
     yield

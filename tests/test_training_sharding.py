@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -19,17 +18,6 @@ from wanjax.training import phase_batches, train
 from wanjax.training import state as st
 from tests.test_distill_ode import make_inputs, make_teacher, tiny_cfg
 from tests.test_training_ckpt import random_targets
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cheap_compiles():
-    """XLA:CPU compile time dominates these tiny models: LLVM -O0 (jax_disable_most_optimizations) about
-    halves it and does not slow the runs down here. Codegen only, float semantics are unchanged (every
-    comparison in this file is between runs under the same setting). Restored after the module."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
 
 
 def _perturbed(trainer: Trainer, seed: int = 0):
