@@ -18,6 +18,7 @@ import pickle
 import re
 import shutil
 import struct
+import sys
 import tempfile
 import time
 import zipfile
@@ -551,3 +552,17 @@ def peak_rss_mib() -> float:
         pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_measured(convert_fn: Callable[[], Any], errors: tuple = (ConversionError,)) -> int:
+    """CLI tail: run one conversion; ``errors`` print ``error: ...`` on stderr and give exit code 2,
+    success prints the peak memory (RSS and anonymous) on stderr and gives 0."""
+    try:
+        with AnonMemorySampler() as mem:
+            convert_fn()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"peak RSS {peak_rss_mib():.0f} MiB (anonymous, non-reclaimable: {mem.peak_mib:.0f} MiB)",
+          file=sys.stderr)
+    return 0

@@ -221,15 +221,8 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    try:
-        with common.AnonMemorySampler() as mem:
-            convert_dit(args.src, args.out, dtype=args.dtype, preset=args.preset, overwrite=args.overwrite)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"peak RSS {common.peak_rss_mib():.0f} MiB (anonymous, non-reclaimable: {mem.peak_mib:.0f} MiB)",
-          file=sys.stderr)
-    return 0
+    return common.run_measured(lambda: convert_dit(args.src, args.out, dtype=args.dtype, preset=args.preset,
+                                                   overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -206,16 +206,9 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    try:
-        with common.AnonMemorySampler() as mem:
-            convert_student(args.backbone, args.pose, args.out, preset=args.preset, dtype=args.dtype,
-                            seed=args.seed, overwrite=args.overwrite)
-    except (ConversionError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"peak RSS {common.peak_rss_mib():.0f} MiB (anonymous, non-reclaimable: {mem.peak_mib:.0f} MiB)",
-          file=sys.stderr)
-    return 0
+    return common.run_measured(lambda: convert_student(args.backbone, args.pose, args.out, preset=args.preset,
+                                                       dtype=args.dtype, seed=args.seed, overwrite=args.overwrite),
+                               errors=(ValueError,))  # ConversionError and bad presets / configs
 
 
 if __name__ == "__main__":
