@@ -20,22 +20,14 @@ world's later stages). Errors print ``error: ...`` and exit with 2.
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-    logging.getLogger("wanjax").setLevel(logging.INFO)
-    argv = sys.argv[1:] if argv is None else list(argv)
     from infer.generate import UsageError
     from wanjax.world import stages as S
-    from wanjax.world.fit import Preempted
 
-    try:
-        cfg = S.parse_args(argv, "python -m train.teacher")
-        S.setup_jax(cfg)
-        r = S.Run(cfg, " ".join(["python -m train.teacher"] + argv))
+    def body(r):
         if not (r.p.vae / "config.json").is_file():
             raise UsageError(f"no trained VAE in {r.p.vae}: run python -m train.vae with the same --config first")
         S.apply_redo(r)
@@ -43,14 +35,9 @@ def main(argv=None) -> int:
         vae = S.stage_vae(r, train)
         x0, ref_y = S.stage_latents(r, vae, train)
         root = S.stage_teacher(r, train, x0, ref_y)
-    except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 0
-    except (UsageError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"teacher in {root}; log {r.p.teacher_run / 'metrics.jsonl'}", file=sys.stderr)
-    return 0
+        return f"teacher in {root}; log {r.p.teacher_run / 'metrics.jsonl'}"
+
+    return S.stage_cli(sys.argv[1:] if argv is None else list(argv), "python -m train.teacher", body)
 
 
 if __name__ == "__main__":

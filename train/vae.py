@@ -10,35 +10,20 @@ checkpoint to ``<work_dir>/vae`` (config.json + Orbax params/, loadable with
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-    logging.getLogger("wanjax").setLevel(logging.INFO)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    from infer.generate import UsageError
     from wanjax.world import stages as S
-    from wanjax.world.fit import Preempted
 
-    try:
-        cfg = S.parse_args(argv, "python -m train.vae")
-        S.setup_jax(cfg)
-        r = S.Run(cfg, " ".join(["python -m train.vae"] + argv))
+    def body(r):
         S.apply_redo(r)
         train, _ = S.stage_data(r)
         vae = S.stage_vae(r, train)
         S.stage_latents(r, vae, train)
-    except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 0
-    except (UsageError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"VAE in {r.p.vae}; training latents in {r.p.latents}; log {r.p.vae_run / 'metrics.jsonl'}",
-          file=sys.stderr)
-    return 0
+        return f"VAE in {r.p.vae}; training latents in {r.p.latents}; log {r.p.vae_run / 'metrics.jsonl'}"
+
+    return S.stage_cli(sys.argv[1:] if argv is None else list(argv), "python -m train.vae", body)
 
 
 if __name__ == "__main__":

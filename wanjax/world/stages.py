@@ -164,6 +164,30 @@ def setup_jax(cfg) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def stage_cli(argv: list[str], prog: str, body) -> int:
+    """The shell of the single-stage CLIs (``train.vae``, ``train.teacher``): logging to stderr, the
+    config, the compilation cache, a :class:`Run`, then ``body(run) -> message`` printed on success.
+    A preemption (SIGTERM) exits 0 after its save; a usage or input error prints ``error: ...`` and
+    exits 2."""
+    from infer.generate import UsageError
+    from wanjax.world.fit import Preempted
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    logging.getLogger("wanjax").setLevel(logging.INFO)
+    try:
+        cfg = parse_args(argv, prog)
+        setup_jax(cfg)
+        message = body(Run(cfg, " ".join([prog] + argv)))
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 0
+    except (UsageError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(message, file=sys.stderr)
+    return 0
+
+
 def world_info(cfg, num_layers: int | None = None) -> dict[str, Any]:
     """The sizes and sampler settings an inference config needs (``wanjax.world.bundle``);
     ``num_layers``: the DiT depth of the root (default: the student's)."""
