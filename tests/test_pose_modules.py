@@ -83,10 +83,14 @@ def _max_err(a, b):
 TOL = 1e-5
 
 
-def test_pose_stack_matches_torch():
+@pytest.mark.parametrize("impl", ["3d", "fold"])
+def test_pose_stack_matches_torch(impl):
+    """Both ways of computing the 3-D stack (one 3-D conv per layer, or the time-folded 2-D conv
+    that "auto" picks on the CPU, incl. the temporal stride-2 layers) match the oracle."""
     cfg = PoseConfig(out_dim=24)
     tm = TorchPose(out_dim=24)
     ours = _ours_from_torch(tm, cfg)
+    ours.conv_impl = impl
     x = _rand((1, 8, 32, 32, 3))  # 8 frames (4 * F_lat), F_lat = 2
     want = tm.pose(x)
     got = ours.pose_features(jnp.asarray(x))

@@ -118,6 +118,32 @@ def conv_nd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, *,
     return y
 
 
+def conv3d_time_folded(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, *,
+                       strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
+    """The 3-D convolution of :func:`conv_nd` computed as one 2-D convolution per output frame.
+
+    x ``[B, T, H, W, Ci]``, kernel ``[kt, kh, kw, Ci, Co]``. The input is padded in time, the ``kt``
+    strided temporal taps are stacked on channels (index ``j * Ci + c``) and the frames go to the
+    batch axis, so the kernel becomes ``[kh, kw, kt * Ci, Co]``. Same function as ``conv_nd`` (up to
+    float summation order); XLA:CPU runs it several times faster than its 3-D convolution (a
+    96x96 pose stack: 0.33 -> 0.06 s on 2 cores), at the cost of a ``kt``-fold input copy.
+    """
+    kt, kh, kw, ci, co = kernel.shape
+    st, sh, sw = strides
+    (p0, p1), ph, pw = padding
+    xp = jnp.pad(x, ((0, 0), (p0, p1), (0, 0), (0, 0), (0, 0))) if p0 or p1 else x
+    t = (xp.shape[1] - kt) // st + 1
+    if t < 1:
+        raise ValueError(f"conv3d_time_folded: {x.shape[1]} frames (+{p0 + p1} padding) are fewer than the "
+                         f"temporal kernel {kt}")
+    taps = [xp[:, j:j + st * (t - 1) + 1:st] for j in range(kt)]
+    xs = taps[0] if kt == 1 else jnp.concatenate(taps, axis=-1)
+    b = xs.shape[0]
+    k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * ci, co)
+    y = conv_nd(xs.reshape((b * t,) + xs.shape[2:]), k2, bias, strides=(sh, sw), padding=(ph, pw))
+    return y.reshape((b, t) + y.shape[1:])
+
+
 class Conv(nnx.Module):
     """Channels-last convolution, kernel [*k, in, out], PyTorch-style explicit padding."""
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import wanjax  # noqa: F401  (disables Flax eager sharding)
-from wanjax.nn import Conv, Linear, conv_nd
+from wanjax.nn import Conv, Linear, conv3d_time_folded, conv_nd
 
 # (kernel, stride, padding) of the convolutions of the 3D stack, in order (UA indices 0, 2, ..., 12).
 POSE3D_LAYERS: tuple[tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, int, int]], ...] = (
@@ -126,11 +126,28 @@ def _conv_list(convs: list[Conv]) -> nnx.List:
     return nnx.List(items)
 
 
+CONV_IMPLS = ("auto", "3d", "fold")
+
+
+def resolve_conv_impl(impl: str) -> str:
+    """``"auto"``: ``"fold"`` (time-folded 2-D convs, :func:`wanjax.nn.conv3d_time_folded`) on the
+    CPU, where XLA's 3-D convolution is slow; ``"3d"`` elsewhere."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"pose conv impl {impl!r}: choose one of {CONV_IMPLS}")
+    if impl == "auto":
+        return "fold" if jax.default_backend() == "cpu" else "3d"
+    return impl
+
+
 def _run_stack(layers: list[tuple[jax.Array, jax.Array, tuple, tuple]], x: jax.Array,
-               act_last: bool) -> jax.Array:
-    """Apply ``(kernel, bias, strides, padding)`` convs with SiLU in between (pure function)."""
+               act_last: bool, impl: str = "3d") -> jax.Array:
+    """Apply ``(kernel, bias, strides, padding)`` convs with SiLU in between (pure function).
+    ``impl`` ("3d" / "fold") picks how 3-D kernels are computed; 2-D ones are unaffected."""
     for i, (k, b, s, p) in enumerate(layers):
-        x = conv_nd(x, k, b, strides=s, padding=p)
+        if k.ndim == 5 and impl == "fold":
+            x = conv3d_time_folded(x, k, b, strides=s, padding=p)
+        else:
+            x = conv_nd(x, k, b, strides=s, padding=p)
         if i < len(layers) - 1 or act_last:
             x = jax.nn.silu(x)
     return x
@@ -139,9 +156,12 @@ def _run_stack(layers: list[tuple[jax.Array, jax.Array, tuple, tuple]], x: jax.A
 class PoseConditioner(nnx.Module):
     """UA pose-video encoder (+ optional ``pose_proj``) and reference-pose encoder."""
 
-    def __init__(self, cfg: PoseConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, cfg: PoseConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 conv_impl: str = "auto"):
         self.cfg = cfg
         self.dtype = dtype
+        self.conv_impl = conv_impl  # static: "auto" | "3d" | "fold" (see resolve_conv_impl)
+        resolve_conv_impl(conv_impl)
         c, h = cfg.in_channels, cfg.hidden
         convs3d = []
         for i, (k, s, p) in enumerate(POSE3D_LAYERS):
@@ -172,14 +192,16 @@ class PoseConditioner(nnx.Module):
         layers = self._layers3d()
         full, rest = layers[:_FULL_RES_LAYERS], layers[_FULL_RES_LAYERS:]
         geometry = [(s, p) for _, _, s, p in full]  # static: closed over, never traced
+        impl = resolve_conv_impl(getattr(self, "conv_impl", "auto"))
 
         def trunk(params, h):
-            return _run_stack([(k, b, s, p) for (k, b), (s, p) in zip(params, geometry)], h, act_last=True)
+            return _run_stack([(k, b, s, p) for (k, b), (s, p) in zip(params, geometry)], h, act_last=True,
+                              impl=impl)
 
         if self.cfg.remat:
             trunk = jax.checkpoint(trunk)
         x = trunk([(k, b) for k, b, _, _ in full], x)
-        return _run_stack(rest, x, act_last=False)
+        return _run_stack(rest, x, act_last=False, impl=impl)
 
     def pose_features(self, pose: jax.Array, *, time_chunk: int | None = None) -> jax.Array:
         """Pose tokens.
