@@ -87,7 +87,7 @@ def _base() -> ml_collections.ConfigDict:
                                            weight_decay=0.01, grad_clip=10.0, warmup=0, ema_decay=0.99,
                                            ema_start=0))))
     c.eval = ml_collections.ConfigDict(dict(n=24, seed=100, alpha=0.1, workers=0, timing_clips=8,
-                                            cpu_timing_clips=3,   # also time both models on the host CPU
+                                            cpu_timing_clips=5,   # also time both models on the host CPU
                                             vae_check=True))
     c.export = ml_collections.ConfigDict(dict(dtype="float16", max_mb=20.0))
     return c

@@ -71,9 +71,11 @@ class _PoseFeed:
 
     HALO = 2  # latent groups of left context needed for an exact chunk (receptive field 7 frames)
 
-    def __init__(self, model: PoseDiT, pose, num_latent: int | None, nfb: int):
+    def __init__(self, model: PoseDiT, pose, num_latent: int | None, nfb: int, whole: bool = False):
         self.model, self.nfb = model, nfb
         self.num_latent = num_latent
+        self.whole = whole  # whole pose video: encode every block's tokens in one call (batch mode)
+        self._all = None
         self.wait_s = 0.0
         if isinstance(pose, np.ndarray) or isinstance(pose, jax.Array):
             a = np.asarray(pose)
@@ -154,6 +156,13 @@ class _PoseFeed:
 
     def tokens(self, b: int) -> jax.Array:
         s, e = b * self.nfb, (b + 1) * self.nfb
+        if self.whole and self.frames is not None:
+            if self._all is None:  # one call over the whole video (time-chunked inside: exact)
+                padded = np.concatenate([np.repeat(self.frames[:1], 3, 0), self.frames])[None]  # uint8
+                t0 = time.perf_counter()
+                self._all = self.model.pose_tokens(padded)
+                self.encode_s += time.perf_counter() - t0
+            return self._all[:, s:e]
         lo = max(s - self.HALO, 0)
         hi_pad = min(4 * (e + 1), 3 + len(self._buf))  # padded frames available (3 repeats in front)
         if self.num_latent is not None:
@@ -228,7 +237,7 @@ class StudentPipeline:
         the weights resident, so the first video peaks no higher than later ones (the compiled
         executables land in the jit caches, later calls reuse them)."""
         nfb, hw = self.nfb, self._latent_hw
-        sig = (hw, T, y is None, pose is None, decoder is not None, tuple(variants))
+        sig = (hw, T, y is None, pose is None, decoder is not None, tuple(variants), bool(feed and feed.whole))
         if sig in self._compiled:
             return
         cache = jax.eval_shape(lambda: self.dit.init_cache(1, T))
@@ -237,7 +246,7 @@ class StudentPipeline:
                                  context=context, hw=hw).compile()
         if decoder is not None:
             decoder.precompile((1, nfb) + tuple(hw) + (self.dit.cfg.out_dim,), self.dit.cfg.compute_dtype)
-        if feed is not None:
+        if feed is not None and not feed.whole:  # whole-video tokens exist already (computed first)
             H, W = 16 * (hw[0] // 2), 16 * (hw[1] // 2)
             for groups in (nfb + 3, nfb + 2):  # a middle block's window, the last block's window
                 self.model.precompile_pose((1, 4 * groups, H, W, 3))
@@ -250,8 +259,8 @@ class StudentPipeline:
         return self._ckv_fn(self._state, ctx, cf)
 
     def stream(self, context, pose=None, *, reference: Reference | None = None, num_frames: int | None = None,
-               seed: int = 0, size: tuple[int, int] | None = None, decode: bool = True
-               ) -> Iterator[BlockResult]:
+               seed: int = 0, size: tuple[int, int] | None = None, decode: bool = True,
+               latency: bool = True) -> Iterator[BlockResult]:
         """Yield :class:`BlockResult` ``(block_index, frames, timings)`` as soon as each block is decoded.
 
         Args:
@@ -264,6 +273,10 @@ class StudentPipeline:
           seed: all noise is ``jax.random`` from this seed, folded by block and step.
           size: (H, W) pixels when no pose is given.
           decode: decode frames (needs a VAE); otherwise ``frames`` is None.
+          latency: with a whole pose video, encode each block's pose tokens just before the block
+            (the first block starts soonest; the default for streaming). False encodes the whole
+            video in one call up front (less pose-encoder work: no per-block halo; what
+            :meth:`generate` does). The tokens are the same either way.
         """
         cfg = self.dit.cfg
         nfb = self.nfb
@@ -279,7 +292,7 @@ class StudentPipeline:
         use_pose = uses_pose(self.mode, self.model)
         if use_pose and pose is None:
             raise PipelineError("this model/mode needs pose frames (--pose)")
-        feed = _PoseFeed(self.model, pose, num_latent, nfb) if use_pose else None
+        feed = _PoseFeed(self.model, pose, num_latent, nfb, whole=not latency) if use_pose else None
         if feed is not None:
             num_latent = feed.num_latent
             H, W = feed.frame_shape
@@ -356,6 +369,7 @@ class StudentPipeline:
     def generate(self, context, pose=None, **kw) -> dict:
         """Batch mode: collect :meth:`stream`. Returns ``frames`` uint8 [N, H, W, 3] (or None),
         ``latents`` [1, F, h, w, C] and ``timings`` (one dict per block)."""
+        kw.setdefault("latency", False)  # nobody sees a block before the last: least total work
         blocks = list(self.stream(context, pose, **kw))
         if not blocks:
             raise PipelineError("no block could be generated (too few pose frames for one block)")
