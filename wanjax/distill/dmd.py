@@ -45,7 +45,7 @@ from flax import nnx
 
 import wanjax  # noqa: F401  (flax config)
 from wanjax import sampling
-from wanjax.models.dit import CrossKV, KVCache, WanDiT, rope_tables, unpatchify
+from wanjax.models.dit import CrossKV, KVCache, WanDiT, remat, rope_tables, unpatchify
 from wanjax.models.unianimate import frame_slice
 
 F32 = jnp.float32
@@ -248,8 +248,7 @@ def exit_forward(dit: WanDiT, x: jax.Array, t: jax.Array, ckv: CrossKV, cache: K
         h, _, _ = blk.cached(h, e0, layer_ckv, cos, sin, ck[None], cv[None], 0, slots, kv_len, backend)
         return h, None
 
-    if cfg.remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+    body = remat(body, cfg)
     tok, _ = jax.lax.scan(body, tok, (state, ckv, cache.k, cache.v))
     return unpatchify(dit.head(tok, e, nf), grid, cfg.patch, cfg.out_dim)
 

@@ -65,15 +65,17 @@ def _preset(name: str, flag: str) -> ua.PoseDiTConfig:
 
 
 def _with_numerics(pcfg: ua.PoseDiTConfig, *, dtype: str, param_dtype: str, attention: str, remat: bool,
-                   **dit_over) -> ua.PoseDiTConfig:
-    dit = pcfg.dit.replace(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat, **dit_over)
+                   remat_policy: str = "full", **dit_over) -> ua.PoseDiTConfig:
+    dit = pcfg.dit.replace(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
+                           remat_policy=remat_policy, **dit_over)
     return pcfg.replace(dit=dit, pose=dataclasses.replace(pcfg.pose, remat=remat))
 
 
 def student_config(cfg) -> ua.PoseDiTConfig:
     s = cfg.student
     return _with_numerics(_preset(s.preset, "student.preset"), dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype,
-                          attention=cfg.attention, remat=cfg.remat, num_frame_per_block=s.num_frame_per_block,
+                          attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"),
+                          num_frame_per_block=s.num_frame_per_block,
                           max_frames=s.max_frames)
 
 
@@ -150,7 +152,7 @@ def build_critic(cfg, student: ua.PoseDiT) -> ua.PoseDiT:
     """Critic with the student's initial weights (same preset) or a fresh init of ``critic.preset``."""
     name = cfg.critic.preset or cfg.student.preset
     pcfg = _with_numerics(_preset(name, "critic.preset"), dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype,
-                          attention=cfg.attention, remat=cfg.remat)
+                          attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"))
     critic = ua.PoseDiT(pcfg.replace(pose=student.cfg.pose) if name == cfg.student.preset else pcfg,
                         rngs=nnx.Rngs(cfg.seed + 1))
     if name == cfg.student.preset:

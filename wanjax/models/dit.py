@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from wanjax import attention as attn_lib
 from wanjax.nn import LayerNorm, Linear, RMSNorm, gelu_exact, gelu_tanh, layer_norm, param
@@ -67,6 +68,7 @@ class WanDiTConfig:
     param_dtype: str = "bfloat16"
     attention: str = "auto"      # xla | cudnn | splash | auto
     remat: bool = False
+    remat_policy: str = "full"   # what a rematerialised block keeps (see REMAT_POLICIES)
 
     @property
     def head_dim(self) -> int:
@@ -97,6 +99,57 @@ class WanDiTConfig:
         if "patch" in kw:
             kw["patch"] = tuple(kw["patch"])
         return cls(**kw)
+
+
+# What a rematerialised block saves for its backward pass (everything else is recomputed):
+#   full            nothing: one extra forward of the whole block (least memory)
+#   attention       the self-attention kernels' outputs, incl. cuDNN's softmax statistics, so the
+#                   backward recomputes only the projections, norms and FFN (self-attention is
+#                   most of a block's FLOPs at video lengths); + one [L, D] activation per layer
+#   attention_proj  also q / k / v and the self- and cross-attention projections' outputs (only
+#                   the FFN and the elementwise ops are recomputed); + ~6 [L, D] per layer
+#   dots            every matmul output without batch dims (the FFN's 4x-wide hidden too: most memory)
+REMAT_POLICIES = ("full", "attention", "attention_proj", "dots")
+_SAVED_NAMES = {"attention": ("attn",), "attention_proj": ("attn", "qkv", "attn_proj", "cross_out")}
+
+
+def _is_self_attention_kernel(prim, *avals) -> bool:
+    """A fused-attention forward (cuDNN's ``dot_product_attention_fwd[_wrapper]``, whose outputs are
+    the attention result *and* the softmax statistics its backward needs) over at least as many keys
+    as queries: self-attention (a block against its prefix). Cross-attention (32,760 queries against
+    512 text / 257 CLIP keys) is ~2% of the attention FLOPs but as large to keep: it is recomputed."""
+    if not prim.name.startswith("dot_product_attention_fwd") or len(avals) < 2:
+        return False
+    q, k = avals[0], avals[1]
+    return getattr(k, "ndim", 0) == 4 and getattr(q, "ndim", 0) == 4 and k.shape[1] >= q.shape[1]
+
+
+def remat_policy(name: str, backend: str = "xla"):
+    """The ``jax.checkpoint`` policy for ``WanDiTConfig.remat_policy``. With cuDNN the attention is
+    kept through its kernel's outputs (the tagged, sliced copy would only duplicate them)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {name!r}: choose one of {REMAT_POLICIES}")
+    cp = jax.checkpoint_policies
+    if name == "full":
+        return cp.nothing_saveable
+    if name == "dots":
+        return cp.dots_with_no_batch_dims_saveable
+    names = _SAVED_NAMES[name]
+    if backend == "cudnn":
+        names = tuple(n for n in names if n != "attn")
+    by_name = cp.save_only_these_names(*names) if names else cp.nothing_saveable
+    return lambda prim, *args, **params: _is_self_attention_kernel(prim, *args) or by_name(prim, *args, **params)
+
+
+def remat(fn, cfg: "WanDiTConfig"):
+    """``fn`` checkpointed per ``cfg.remat`` / ``cfg.remat_policy`` (identity when remat is off)."""
+    if not cfg.remat:
+        return fn
+    return jax.checkpoint(fn, prevent_cse=False, policy=remat_policy(cfg.remat_policy, cfg.backend()))
+
+
+def _tag(x, name: str):
+    return checkpoint_name(x, name)
 
 
 PRESETS: dict[str, WanDiTConfig] = {
@@ -351,7 +404,7 @@ class Block(nnx.Module):
         h = _modulate(layer_norm(x, eps), sh_sa, sc_sa, F_).astype(cdt)
         y, aux = self_attn_fn(h)
         x = x + _gate(y, g_sa, F_)
-        x = x + self.cross_attn(self.norm3(x).astype(cdt), ckv, backend).astype(F32)
+        x = x + _tag(self.cross_attn(self.norm3(x).astype(cdt), ckv, backend), "cross_out").astype(F32)
         h = _modulate(layer_norm(x, eps), sh_ff, sc_ff, F_).astype(cdt)
         x = x + _gate(self.ffn(h), g_ff, F_)
         return x, aux
@@ -361,9 +414,9 @@ class Block(nnx.Module):
         F_ = e0.shape[1]
 
         def sa(h):
-            q, k, v = self.self_attn.qkv(h, cos, sin)
-            o = attn_lib.block_causal_attention(q, k, v, spec, backend=backend)
-            return self.self_attn.out(o), None
+            q, k, v = _tag(self.self_attn.qkv(h, cos, sin), "qkv")
+            o = _tag(attn_lib.block_causal_attention(q, k, v, spec, backend=backend), "attn")
+            return _tag(self.self_attn.out(o), "attn_proj"), None
 
         return self._attend_and_ffn(x, e0, ckv, F_, sa, backend)[0]
 
@@ -374,7 +427,7 @@ class Block(nnx.Module):
         F_ = e0.shape[1]
 
         def sa(h):
-            q, k, v = self.self_attn.qkv(h, cos, sin)
+            q, k, v = _tag(self.self_attn.qkv(h, cos, sin), "qkv")
             ck, cv = cache_k, cache_v
             T = k.shape[1] // F_
             for j in range(F_):  # static: frames of this block
@@ -383,8 +436,8 @@ class Block(nnx.Module):
                 cv = jax.lax.dynamic_update_slice(cv, v[None, :, j * T:(j + 1) * T].astype(cv.dtype), at)
             lk = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(q.dtype)
             lv = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(q.dtype)
-            o = attn_lib.attention(q, lk, lv, backend=backend, kv_len=kv_len)
-            return self.self_attn.out(o), (ck, cv)
+            o = _tag(attn_lib.attention(q, lk, lv, backend=backend, kv_len=kv_len), "attn")
+            return _tag(self.self_attn.out(o), "attn_proj"), (ck, cv)
 
         x, (ck, cv) = self._attend_and_ffn(x, e0, ckv, F_, sa, backend)
         return x, ck, cv
@@ -512,8 +565,7 @@ class WanDiT(nnx.Module):
             blk = nnx.merge(gdef, layer_state)
             return blk(h, e0, layer_ckv, cos, sin, spec, backend), None
 
-        if cfg.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+        body = remat(body, cfg)
         tok, _ = jax.lax.scan(body, tok, (state, ckv))
         out = self.head(tok, e, F_)
         return unpatchify(out, grid, cfg.patch, cfg.out_dim)
@@ -579,8 +631,7 @@ class WanDiT(nnx.Module):
             h, ks, vs = blk.cached(h, e0, layer_ckv, cos, sin, ks, vs, layer, slots, kv_len, backend)
             return (h, ks, vs), None
 
-        if cfg.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+        body = remat(body, cfg)
         layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         # the caches are loop carries updated in place: one copy lives, only new frames are written
         (tok, ks, vs), _ = jax.lax.scan(body, (tok, cache.k, cache.v), (state, ckv, layers))
