@@ -30,3 +30,22 @@ def test_fsdp_forward_matches_single_device():
     xs, ts, cs = (jax.device_put(a, batch) for a in (x, t, ctx))
     out = nnx.jit(lambda m, a, b, c: m(a, b, c, causal=True))(model, xs, ts, cs)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+def test_attention_co_shard_pins_q_k_v_under_a_mesh():
+    """cuDNN's partitioner needs q, k, v with one sharding: ``co_shard`` pins them to batch over
+    (data, fsdp) and heads over tensor inside ``jax.set_mesh`` (what Trainer / TeacherPipeline use
+    through ``MeshJit``), and is a no-op without a mesh."""
+    from wanjax.attention import co_shard
+    from wanjax.sharding import MeshJit, make_mesh
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    q = jnp.ones((4, 64, 4, 8))
+    kv = jnp.ones((4, 16, 4, 8))
+    assert co_shard(q, kv) == (q, kv)  # no mesh context: unchanged
+    fn = MeshJit(jax.jit(lambda a, b: co_shard(a, b, b)), mesh)
+    outs = fn(q, kv)
+    want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None))
+    for o in outs:
+        assert o.sharding.is_equivalent_to(want, o.ndim), o.sharding
+    np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(q))

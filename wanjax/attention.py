@@ -69,6 +69,26 @@ def _pad_seq(a, multiple: int):
     return a if pad == 0 else jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
 
 
+def co_shard(*arrays):
+    """Pin ``[B, L, H, D]`` arrays to one sharding: batch over the mesh's (data, fsdp) axes, heads over
+    tensor (``wanjax.sharding.LOGICAL_RULES``). cuDNN's custom partitioner rejects q, k and v with
+    different shardings (e.g. cross-attention K/V computed from a replicated text context while the
+    queries are batch-sharded). Uses the mesh of the enclosing ``jax.set_mesh`` context, which
+    ``wanjax.training.Trainer`` and the pipelines set; without one (or on one device) a no-op."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return arrays
+    from jax.sharding import PartitionSpec
+
+    from wanjax.sharding import logical_to_spec
+
+    def one(a):
+        spec = logical_to_spec(("batch", None, "act_heads", None), a.shape, mesh)
+        return jax.lax.with_sharding_constraint(a, PartitionSpec(*spec))
+
+    return tuple(one(a) for a in arrays)
+
+
 def _cudnn(q, k, v, kv_len=None, scale=None):
     """cuDNN flash attention. Its backward pass accepts only sequence lengths that are multiples of
     64 (the forward takes any): q and k/v are zero-padded to that multiple and the padding is
@@ -82,9 +102,8 @@ def _cudnn(q, k, v, kv_len=None, scale=None):
         kwargs["key_value_seq_lengths"] = kv
     if Lq % CUDNN_SEQ_MULTIPLE:
         kwargs["query_seq_lengths"] = jnp.full((B,), Lq, jnp.int32)
-    out = jax.nn.dot_product_attention(_pad_seq(q, CUDNN_SEQ_MULTIPLE), _pad_seq(k, CUDNN_SEQ_MULTIPLE),
-                                       _pad_seq(v, CUDNN_SEQ_MULTIPLE), scale=scale, implementation="cudnn",
-                                       **kwargs)
+    qp, kp, vp = co_shard(*(_pad_seq(a, CUDNN_SEQ_MULTIPLE) for a in (q, k, v)))
+    out = jax.nn.dot_product_attention(qp, kp, vp, scale=scale, implementation="cudnn", **kwargs)
     return out[:, :Lq]
 
 

@@ -106,3 +106,23 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, Any] = LOGICA
     nnx.replace_by_pure_dict(state, placed)
     nnx.update(model, state)
     return model
+
+
+class MeshJit:
+    """A jitted function called (and lowered) inside ``jax.set_mesh(mesh)``, so code traced in it
+    sees the mesh (``jax.sharding.get_abstract_mesh``: e.g. ``wanjax.attention.co_shard``)."""
+
+    def __init__(self, jitted, mesh: Mesh | None):
+        self.jitted, self.mesh = jitted, mesh
+
+    def _ctx(self):
+        import contextlib
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def __call__(self, *args, **kwargs):
+        with self._ctx():
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with self._ctx():
+            return self.jitted.lower(*args, **kwargs)

@@ -35,6 +35,7 @@ from flax import nnx
 
 import wanjax  # noqa: F401
 from wanjax import sampling
+from wanjax.sharding import MeshJit
 from wanjax.pipeline import PipelineError, PoseDiT, Reference, latent_frames, pad_pose, uses_pose
 
 
@@ -88,8 +89,8 @@ class TeacherPipeline:
             v = m(x2, jnp.concatenate([tt, tt]), ckv=ckv2, y=y2, pose=p2)
             return sampling.cfg(v[B:], v[:B], scale)
 
-        self._flow = jax.jit(flow)
-        self._ckv = jax.jit(lambda st, c, f: nnx.merge(gd, st).context_kv(c, f))
+        self._flow = MeshJit(jax.jit(flow), mesh)  # traced under the mesh: attention co-shards q/k/v
+        self._ckv = MeshJit(jax.jit(lambda st, c, f: nnx.merge(gd, st).context_kv(c, f)), mesh)
 
     def schedule(self) -> tuple[np.ndarray, np.ndarray]:
         if self.sampler == "euler":

@@ -286,10 +286,10 @@ class Trainer:
         if key not in self._compiled:
             bsh = jax.tree.map(lambda a: batch_sharding(self.mesh, a.shape, self.accum_steps > 1), batch)
             fsh = {n: jax.tree.map(lambda a: a.sharding, p) for n, p in self.frozen_params.items()}
-            fn = jax.jit(lambda s, b, f: self._update_impl(phase_idx, s, b, f),
-                         in_shardings=(self.state_shardings, bsh, fsh),
-                         out_shardings=(self.state_shardings, _replicated(self.mesh)),
-                         donate_argnums=(0,))
+            fn = shd.MeshJit(jax.jit(lambda s, b, f: self._update_impl(phase_idx, s, b, f),
+                                 in_shardings=(self.state_shardings, bsh, fsh),
+                                 out_shardings=(self.state_shardings, _replicated(self.mesh)),
+                                 donate_argnums=(0,)), self.mesh)
             self._compiled[key] = (fn, bsh)
         return self._compiled[key]
 
