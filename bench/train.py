@@ -4,6 +4,7 @@ steps with a stand-in (1.3B) or the 14B teacher, through ``wanjax.training.Train
     PYTHONPATH=. python -m bench.train                       # all three stages, 1.3B stand-in teacher
     PYTHONPATH=. python -m bench.train --teacher teacher_14b # DMD with the 14B teacher (2 GPUs: FSDP)
     PYTHONPATH=. python -m bench.train --only ode --frames 21 --height 480 --width 832 --repeats 5
+    PYTHONPATH=. python -m bench.train --stages ode --remat_policy full,attention --pose_conv 3d,fold
 
 Random weights and random targets at the real shapes (one sample per device: global batch =
 devices; 21 latent frames = 81 pose frames, 480x832, CLIP 257 tokens, text 512 x 4096). fp32 master
@@ -11,6 +12,9 @@ weights, bf16 compute, remat per block (DiT) and on the pose stack's full-resolu
 (Self-Forcing's betas for DMD), all devices in one FSDP mesh. Each stage runs in its own process so
 that its peak memory is its own. Prints one table: compile time, step time, peak device memory,
 model TFLOP per step, MFU.
+
+``--remat_policy`` (default ``attention``, as configs/distill.py) picks what a rematerialised block
+keeps (``wanjax.models.dit.REMAT_POLICIES``); ``--pose_conv`` the pose stack's 3-D conv form.
 
 MFU = model FLOPs of the step / (step time x devices x peak bf16 FLOP/s per device). Model FLOPs
 (``wanjax.training.dit_forward_flops`` + ``pose_encoder_flops``; matmuls and convolutions, 2 per
@@ -31,6 +35,11 @@ import subprocess
 import sys
 import time
 import types
+
+# Training wants the whole accelerator: JAX's default lets a process use 75% of GPU memory (60 GiB
+# of an 80 GB H100: a 1.3B ODE-step variant failed allocating 30 GiB of temporaries next to 24 GiB of
+# training state). Set before JAX starts.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +62,8 @@ def _models(args, mesh):
     def build(preset, dtype, param_dtype, remat, seed):
         pc = ua.PRESETS[preset]
         pc = pc.replace(dit=pc.dit.replace(dtype=dtype, param_dtype=param_dtype, attention=args.attention,
-                                           remat=remat, max_frames=max(args.frames, pc.dit.max_frames)),
+                                           remat=remat, remat_policy=args.remat_policy,
+                                           max_frames=max(args.frames, pc.dit.max_frames)),
                         pose=dataclasses.replace(pc.pose, remat=remat))
         abstract = nnx.eval_shape(lambda: ua.PoseDiT(pc, rngs=nnx.Rngs(seed)))
         gd, state = nnx.split(abstract)
@@ -69,7 +79,9 @@ def _models(args, mesh):
             return nnx.state(m)
 
         state = jax.jit(init, out_shardings=sh)()
-        return nnx.merge(gd, state)
+        m = nnx.merge(gd, state)
+        m.pose.conv_impl = args.pose_conv
+        return m
 
     student = build(args.student, "bfloat16", "float32", True, 0)
     if args.stage == "ode":
@@ -134,6 +146,16 @@ def run_stage(args) -> dict:
     state = trainer.init_state(keep_initial=False)
     jax.block_until_ready(state)
     t_build = time.perf_counter() - t0
+    mem = {}
+    if args.memory:  # XLA's buffer assignment for the step (before running it: also for OOM cases)
+        i = [p.name for p in trainer.phases].index(phase)
+        b = trainer.micro_split(batch)
+        fn, bsh = trainer._update_fn(i, b)
+        ma = fn.lower(state, trainer.put_batch(b, bsh), trainer.frozen_params).compile().memory_analysis()
+        mem = {k: getattr(ma, k) / 2 ** 30 for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                      "temp_size_in_bytes", "alias_size_in_bytes")
+               if hasattr(ma, k)}
+        print("MEMORY " + json.dumps(mem), flush=True)
     t0 = time.perf_counter()
     state, m = trainer.update(state, phase, batch)
     jax.block_until_ready(state)
@@ -152,7 +174,8 @@ def run_stage(args) -> dict:
             "compile_and_first_s": t_first, "step_s": step, "steps_s": times,
             "peak_gib": (peak_bytes() or 0) / 2 ** 30, "model_tflop": flops / 1e12,
             "mfu": flops / step / (peak * n) if peak else None, "loss": loss,
-            "teacher": args.teacher if phase != "ode" else None}
+            "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy,
+            "pose_conv": args.pose_conv, "memory_gib": mem}
 
 
 def main(argv=None):
@@ -169,6 +192,12 @@ def main(argv=None):
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak (0: from the device kind)")
     ap.add_argument("--dmd_mu_dtype", default="bfloat16",
                     help="Adam first-moment dtype of the DMD stages (configs/distill.py: bfloat16; '' = fp32)")
+    ap.add_argument("--remat_policy", default="attention",
+                    help="comma-separated wanjax.models.dit.REMAT_POLICIES to compare (one row each)")
+    ap.add_argument("--pose_conv", default="3d",
+                    help="comma-separated pose-stack conv implementations (3d, fold, auto) to compare")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages (without --only)")
+    ap.add_argument("--memory", action="store_true", help="print XLA's memory analysis of the compiled step")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.only:
@@ -176,24 +205,42 @@ def main(argv=None):
         print("BENCH_ROW " + json.dumps(run_stage(args)), flush=True)
         return 0
     rows = []
-    for stage in STAGES:
-        cmd = [sys.executable, "-m", "bench.train", "--only", stage] + [
-            a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--json")]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        line = [l for l in p.stdout.splitlines() if l.startswith("BENCH_ROW ")]
-        if p.returncode or not line:
-            sys.stderr.write(p.stderr[-4000:])
-            rows.append({"stage": stage, "error": f"exit {p.returncode}"})
-            continue
-        rows.append(json.loads(line[-1][len("BENCH_ROW "):]))
-    table = [("stage", "devices", "compile+first (s)", "step (s)", "peak (GiB)", "TFLOP/step", "MFU")]
+    own = ("--json", "--remat_policy", "--pose_conv", "--stages")  # handled here, not passed on
+    passthrough, skip = [], False
+    for a in (argv if argv is not None else sys.argv[1:]):
+        if skip:
+            skip = False
+        elif a in own:
+            skip = True  # "--flag value": drop the value too
+        elif not a.startswith(tuple(f + "=" for f in own)):
+            passthrough.append(a)
+    for stage in args.stages.split(","):
+        for policy in args.remat_policy.split(","):
+            for conv in args.pose_conv.split(","):
+                cmd = [sys.executable, "-m", "bench.train", "--only", stage, f"--remat_policy={policy}",
+                       f"--pose_conv={conv}"] + passthrough
+                p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+                line = [l for l in p.stdout.splitlines() if l.startswith("BENCH_ROW ")]
+                mem = [l for l in p.stdout.splitlines() if l.startswith("MEMORY ")]
+                if mem:
+                    sys.stderr.write(f"{stage} {policy} {conv}: {mem[-1]}\n")
+                if p.returncode or not line:
+                    err = p.stderr.strip().splitlines()
+                    sys.stderr.write(p.stderr[-3000:])
+                    oom = next((l for l in err if "RESOURCE_EXHAUSTED" in l or "Out of memory" in l), "")
+                    rows.append({"stage": stage, "remat_policy": policy, "pose_conv": conv,
+                                 "error": ("OOM: " + oom[:120]) if oom else f"exit {p.returncode}"})
+                    continue
+                rows.append(json.loads(line[-1][len("BENCH_ROW "):]))
+    table = [("stage", "remat", "pose conv", "devices", "compile+first (s)", "step (s)", "peak (GiB)",
+              "TFLOP/step", "MFU")]
     for r in rows:
         if "error" in r:
-            table.append((r["stage"], "-", r["error"], "-", "-", "-", "-"))
+            table.append((r["stage"], r["remat_policy"], r["pose_conv"], "-", r["error"], "-", "-", "-", "-"))
             continue
         name = r["stage"] + (f" (teacher {r['teacher']})" if r["teacher"] else "")
-        table.append((name, r["devices"], f"{r['compile_and_first_s']:.1f}", f"{r['step_s']:.3f}",
-                      f"{r['peak_gib']:.1f}", f"{r['model_tflop']:.1f}",
+        table.append((name, r["remat_policy"], r["pose_conv"], r["devices"], f"{r['compile_and_first_s']:.1f}",
+                      f"{r['step_s']:.3f}", f"{r['peak_gib']:.1f}", f"{r['model_tflop']:.1f}",
                       "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"))
     print_table("train", table)
     if rows and "device" in rows[0]:

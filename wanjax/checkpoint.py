@@ -111,7 +111,10 @@ def _streaming_numpy_handler_cls():
         """``np.ndarray`` leaves without the defensive deep copy, one array at a time, region by region."""
 
         def __init__(self, chunk_bytes: int, write_bytes: int):
-            super().__init__(deepcopy_host_arrays=False)
+            try:
+                super().__init__(deepcopy_host_arrays=False)
+            except TypeError:  # older Orbax: no defensive copy to switch off
+                super().__init__()
             self._chunk_bytes, self._write_bytes = chunk_bytes, write_bytes
             self._one_at_a_time = asyncio.Lock()
 
