@@ -284,7 +284,8 @@ class Trainer:
         shapes = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), batch)
         key = (phase_idx, json.dumps(jax.tree.map(str, shapes), sort_keys=True))
         if key not in self._compiled:
-            bsh = jax.tree.map(lambda a: batch_sharding(self.mesh, a.shape, self.accum_steps > 1), batch)
+            bsh = jax.tree.map(lambda a: batch_sharding(self.mesh, self.global_shape(a.shape), self.accum_steps > 1),
+                               batch)
             fsh = {n: jax.tree.map(lambda a: a.sharding, p) for n, p in self.frozen_params.items()}
             fn = shd.MeshJit(jax.jit(lambda s, b, f: self._update_impl(phase_idx, s, b, f),
                                  in_shardings=(self.state_shardings, bsh, fsh),
@@ -293,15 +294,19 @@ class Trainer:
             self._compiled[key] = (fn, bsh)
         return self._compiled[key]
 
+    def global_shape(self, local_shape: Sequence[int]) -> tuple[int, ...]:
+        """The global shape of a batch array of which this process holds ``local_shape`` (its rows)."""
+        g = list(local_shape)
+        g[1 if self.accum_steps > 1 else 0] *= jax.process_count()
+        return tuple(g)
+
     def put_batch(self, batch: Mapping[str, np.ndarray], shardings) -> dict:
         """Host batch (this process's rows of every global batch) -> global sharded arrays."""
         def one(a, s):
             a = np.asarray(a)
             if jax.process_count() == 1:
                 return jax.device_put(a, s)
-            gshape = list(a.shape)
-            gshape[1 if self.accum_steps > 1 else 0] *= jax.process_count()
-            return jax.make_array_from_process_local_data(s, a, tuple(gshape))
+            return jax.make_array_from_process_local_data(s, a, self.global_shape(a.shape))
         return jax.tree.map(one, dict(batch), shardings)
 
     def micro_split(self, batch: Mapping[str, np.ndarray]) -> dict:
