@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from wanjax.training.distributed import config as distributed_config
+
 PRESETS = ("tiny", "tiny_dmd", "student_1_3b", "student_1_3b_dmd")
 
 
@@ -41,8 +43,7 @@ def _base() -> ml_collections.ConfigDict:
                                       # (wanjax.models.dit.REMAT_POLICIES). "attention" keeps the cuDNN
                                       # self-attention outputs: ODE step 2.235 -> 2.037 s, +0.6 GiB (H100)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.distributed = ml_collections.ConfigDict(dict(initialize="auto", coordinator_address="", num_processes=-1,
-                                                   process_id=-1))
+    c.distributed = distributed_config()  # initialize auto | yes | no, coordinator_address, num_processes, process_id
     c.data = ml_collections.ConfigDict(dict(dir="", seed=0, on_error="stop", prefetch=2, verify=True,
                                             negative_embeds_path=""))
     c.student = ml_collections.ConfigDict(dict(preset="student_1_3b_pose", init="", num_frame_per_block=3,

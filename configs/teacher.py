@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from wanjax.training.distributed import config as distributed_config
+
 from configs.infer import UA_NEGATIVE, _base as _infer_base  # noqa: F401  (UA_NEGATIVE re-exported)
 
 PRESETS = ("teacher_14b", "tiny")
@@ -42,6 +44,8 @@ def _base() -> ml_collections.ConfigDict:
     c.progress = True
     c.sampler = ml_collections.ConfigDict(dict(name="euler", steps=50, shift=5.0, cfg_scale=1.5))
     c.student = ml_collections.ConfigDict(dict(steps=(1000, 750, 500, 250), shift=5.0))
+    # multi-host (each host generates its share of the manifest): wanjax.training.distributed
+    c.distributed = distributed_config()
     return c
 
 

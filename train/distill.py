@@ -25,42 +25,6 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/distill.py:NAME", lock_config=True)
 
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
-
-
-def _want_distributed(d) -> bool:
-    if d.initialize == "yes" or d.coordinator_address:
-        return True
-    if d.initialize == "no":
-        return False
-    if d.initialize != "auto":
-        raise ValueError(f"--config.distributed.initialize={d.initialize!r}: choose auto, yes or no")
-    if any(os.environ.get(k) for k in _CLUSTER_ENV):
-        return True
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:          # multi-node GPU job (srun)
-        return True
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")          # TPU pod slice, one process per host
-    return "," in hosts
-
-
-def init_distributed(d) -> None:
-    """``jax.distributed.initialize`` (before any other JAX call) when configured or detected."""
-    import jax
-
-    if not _want_distributed(d):
-        return
-    kw = {}
-    if d.coordinator_address:
-        kw["coordinator_address"] = d.coordinator_address
-    if d.num_processes > 0:
-        kw["num_processes"] = d.num_processes
-    if d.process_id >= 0:
-        kw["process_id"] = d.process_id
-    jax.distributed.initialize(**kw)
-    logging.info("jax.distributed: process %d of %d, %d devices", jax.process_index(), jax.process_count(),
-                 len(jax.devices()))
-
-
 def main(argv) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}; everything goes through --config.*", file=sys.stderr)
@@ -77,6 +41,7 @@ def main(argv) -> int:
     from wanjax.training import CheckpointMismatch, DataError
 
     try:
+        from wanjax.training.distributed import init_distributed
         init_distributed(cfg.distributed)
         result = run(cfg)
     except (DistillError, CheckpointMismatch, DataError, TargetError, CheckpointError) as e:

@@ -4,8 +4,9 @@
         --config.data.manifest=DATA/manifest.jsonl --config.out_dir=OUT [--config.a.b=VALUE ...]
 
 NAME: teacher_14b or tiny (configs/teacher.py). Every host of a multi-host job runs the same command
-(after ``jax.distributed.initialize``, e.g. through ``--distributed``); each takes its share of the
-manifest. The run is resumable: rerun the same command after a kill and finished shards are
+(``jax.distributed.initialize`` runs first: ``--distributed``, or ``--config.distributed.*`` as in
+``train.distill``, e.g. ``coordinator_address``, ``num_processes``, ``process_id`` on plain machines);
+each takes its share of the manifest and works on its own devices. The run is resumable: rerun the same command after a kill and finished shards are
 skipped. Output format: wanjax/data/targets.py; generation: wanjax/distill/targets.py. Progress
 (samples/hour) and logs go to stderr; an error prints one ``error: ...`` line and exits with 2.
 """
@@ -38,7 +39,8 @@ def parse_config(argv: list[str]):
     if not Path(path).is_file():
         raise UsageError(f"--config {spec}: no such file {path}")
     fv = flags.FlagValues()
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host)", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host; same as "
+                      "--config.distributed.initialize=yes, see --config.distributed.*)", flag_values=fv)
     config_flags.DEFINE_config_file("config", None, "FILE.py:NAME", flag_values=fv, lock_config=True,
                                     sys_argv=argv)
     try:
@@ -78,10 +80,11 @@ def main(argv=None) -> int:
     argv = ["generate_teacher"] + (sys.argv[1:] if argv is None else list(argv))
     try:
         cfg, distributed = parse_config(argv)
-        if distributed:
-            import jax
+        from wanjax.training.distributed import init_distributed
 
-            jax.distributed.initialize()
+        if distributed:  # --distributed: the same as --config.distributed.initialize=yes
+            cfg.distributed.initialize = "yes"
+        init_distributed(cfg.distributed)
         res = run(cfg)
     except error_types() as e:
         print(f"error: {e}", file=sys.stderr)
