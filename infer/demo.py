@@ -27,12 +27,9 @@ STRIP_STEP = 4  # every 4th frame in the strip
 
 def follow_metrics(video: np.ndarray, example: dict[str, Path], alpha: float = 0.1) -> dict[str, float]:
     """PCK / keypoint error of ``video`` (uint8 [T, H, W, 3]) against the example's driving keypoints."""
-    from infer.evaluate import evaluate_one
-    from wanjax.data.synthetic import MarkerPalette
-    from wanjax.pose.keypoints import load_keypoints
+    from infer.evaluate import evaluate_one, read_driving
 
-    body = np.asarray(load_keypoints(example["keypoints"]).body)
-    palette = MarkerPalette.from_json(json.loads(example["meta"].read_text())["palette"])
+    body, palette = read_driving(example["keypoints"], example["meta"])
     if body.shape[0] != video.shape[0]:
         raise ValueError(f"the video has {video.shape[0]} frames, {example['keypoints']} has {body.shape[0]}")
     m = evaluate_one(video, body, None, palette, alpha)

@@ -41,10 +41,16 @@ class EvaluationInputError(Exception):
     """Bad or missing evaluation input; the message names the file and the flag."""
 
 
-def _load_pose(path: Path):
+def read_driving(pose_json: Path, meta_json: Path) -> tuple[np.ndarray, Any]:
+    """The driving keypoints ``body`` [T, 20, 3] of ``pose_json`` and the marker palette of
+    ``meta_json`` (the default palette when that file does not exist)."""
+    from wanjax.data.synthetic import DEFAULT_PALETTE, MarkerPalette
     from wanjax.pose.keypoints import load_keypoints
 
-    return load_keypoints(path)
+    body = np.asarray(load_keypoints(pose_json).body)
+    palette = (MarkerPalette.from_json(json.loads(Path(meta_json).read_text())["palette"])
+               if Path(meta_json).is_file() else DEFAULT_PALETTE)
+    return body, palette
 
 
 def _find_gt(gt_dir: Path, vid: str) -> Path:
@@ -85,7 +91,7 @@ def evaluate(videos_dir: str | os.PathLike, pose_dir: str | os.PathLike, gt_dir:
              alpha: float = 0.1, progress: bool = True) -> dict[str, Any]:
     """Evaluate every ``videos_dir/*.mp4``; see the module docstring for the layout.
     Returns {"config": ..., "videos": [{"id": ..., <metrics>}], "mean": {<metrics>}}."""
-    from wanjax.data.synthetic import DEFAULT_PALETTE, MarkerPalette, read_video
+    from wanjax.data.synthetic import read_video
 
     vdir, pdir = Path(videos_dir), Path(pose_dir)
     gdir = Path(gt_dir) if gt_dir is not None else None
@@ -110,11 +116,7 @@ def evaluate(videos_dir: str | os.PathLike, pose_dir: str | os.PathLike, gt_dir:
     rows = []
     for vid in it:
         video = read_video(vdir / f"{vid}.mp4")
-        seq = _load_pose(pdir / vid / "pose.json")
-        body = np.asarray(seq.body)
-        meta_p = pdir / vid / "meta.json"
-        palette = (MarkerPalette.from_json(json.loads(meta_p.read_text())["palette"]) if meta_p.is_file()
-                   else DEFAULT_PALETTE)
+        body, palette = read_driving(pdir / vid / "pose.json", pdir / vid / "meta.json")
         if body.shape[0] != video.shape[0]:
             raise EvaluationInputError(f"{vdir / (vid + '.mp4')} has {video.shape[0]} frames but "
                                        f"{pdir / vid / 'pose.json'} has {body.shape[0]}; generate the full clip")

@@ -13,6 +13,7 @@ from flax import nnx
 
 import wanjax  # noqa: F401
 from wanjax import sampling
+from tests.test_pipeline import set_fields
 from wanjax.distill import dmd, ode, objectives
 from wanjax.models import unianimate as ua
 
@@ -87,13 +88,7 @@ def tiny_cfg(workdir, **over):
     c = get_config("tiny")
     c.workdir = str(workdir)
     c.progress = False
-    for k, v in over.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return set_fields(c, over)
 
 
 def _batch(samples):

@@ -80,6 +80,11 @@ def tiny_cfg(root, name="tiny_student", **over):
     c = get_config(name)
     c.ckpt_dir = str(root)
     c.prompt_embeds_path = str(Path(root) / "text.npz")
+    return set_fields(c, over)
+
+
+def set_fields(c, over: dict):
+    """``c`` with ``{"a.b.c": value}`` fields set (dotted paths into the ConfigDict)."""
     for k, v in over.items():
         node = c
         *path, last = k.split(".")
