@@ -197,6 +197,24 @@ def test_student_takes_evenly_spread_teacher_layers(world):
                                   np.asarray(t["dit"]["head"]["head"]["kernel"][...]))
 
 
+def test_a_resumed_run_reports_how_its_cached_stages_were_trained(world):
+    """A second run over the same work dir finds each trained stage's output and reuses it; its record
+    keeps the steps, train time and losses saved next to that output (train.vae / train.teacher /
+    train.world split over several jobs still report their training)."""
+    from wanjax.world import stages as S
+
+    again = S.Run(world.cfg, "resumed")
+    S.stage_vae(again, None)
+    S.stage_teacher(again, None, None, None)
+    S.stage_ode(again, world.p.teacher, world.p.targets)
+    for name in ("vae", "teacher", "distill_ode"):
+        first, second = world.stages[name], again.stages[name]
+        assert second["status"] == f"cached ({first['status']})", name
+        for k in ("steps", "train_s", "first_loss", "final_loss"):
+            assert second[k] == pytest.approx(first[k]), (name, k)
+        assert second["seconds"] < first["seconds"], name  # loading, not training
+
+
 def test_vae_training_windows_and_crops():
     from wanjax.world.losses import marker_mask, random_windows
 

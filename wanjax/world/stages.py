@@ -211,6 +211,28 @@ def _history(res) -> dict[str, Any]:
             "first_loss": h[0][loss_key] if loss_key else None}
 
 
+# A training stage's record (steps, train time, losses, status) is stored next to its output, so that a
+# later run that finds the output (a resumed or split run: train.vae, then train.teacher, then
+# train.world) still reports how it was trained.
+STAGE_RECORD = "stage.json"
+_RECORD_KEYS = ("steps", "train_s", "status", "first_loss", "final_loss", "samples")
+
+
+def save_stage_record(out_dir: Path, rec: dict[str, Any]) -> None:
+    from wanjax.videoio import write_json_atomic
+
+    write_json_atomic(Path(out_dir) / STAGE_RECORD, {k: rec[k] for k in _RECORD_KEYS if k in rec})
+
+
+def mark_cached(rec: dict[str, Any], out_dir: Path) -> None:
+    """``rec`` of a stage whose output exists: status ``cached (<how it was trained>)`` plus the
+    training record saved with the output (if any)."""
+    path = Path(out_dir) / STAGE_RECORD
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    rec.update({k: v for k, v in saved.items() if k != "status"})
+    rec["status"] = f"cached ({saved['status']})" if saved.get("status") else "cached"
+
+
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +316,7 @@ def stage_vae(run: Run, clips: D.Clips):
     v = cfg.vae
     with run.stage("vae") as rec:
         if (p.vae / "config.json").is_file():
-            rec["status"] = "cached"
+            mark_cached(rec, p.vae)
             return set_conv_impl(load_vae(p.vae, dtype=jnp.float32), str(v.conv_impl))
         vae = M.build_vae(v, int(cfg.seed))
         res = fit(vae, vae_loss_fn(v), D.ArrayDataset({"video": clips.video}), name="vae", opt=v, batch=int(v.batch),
@@ -307,6 +329,7 @@ def stage_vae(run: Run, clips: D.Clips):
         vae = M.with_latent_stats(res.model, mean, std, conv_impl=str(v.conv_impl))
         save_model(vae, p.vae, {"model": "vae", **vae.cfg.to_dict(), "world": {"preset": cfg.name, **rec}},
                    overwrite=True)
+        save_stage_record(p.vae, rec)
         run.extra["_x0"] = ((raw - mean) / std).astype(np.float32)
         rec["latent_std_raw"] = [float(s) for s in std]
         return vae
@@ -404,7 +427,7 @@ def stage_teacher(run: Run, clips: D.Clips, x0: np.ndarray, ref_y: np.ndarray) -
     t = cfg.teacher
     with run.stage("teacher") as rec:
         if (p.teacher / "dit" / "config.json").is_file():
-            rec["status"] = "cached"
+            mark_cached(rec, p.teacher)
             return p.teacher
         model = teacher_model(cfg)
         loss = functools.partial(teacher_flow_loss, grid=FlowMatchGrid(shift=float(t.shift)),
@@ -416,6 +439,7 @@ def stage_teacher(run: Run, clips: D.Clips, x0: np.ndarray, ref_y: np.ndarray) -
         rec.update(_history(res))
         finish_root(run, res.ema_model or res.model, p.teacher,
                     {"stage": "teacher", "preset": cfg.name, "init": t.init or "scratch", **_history(res)})
+        save_stage_record(p.teacher, rec)
         return p.teacher
 
 
@@ -586,6 +610,7 @@ def _distill(run: Run, name: str, objective: str, init_root: Path, teacher_root:
     run.stages[name].update(steps=int(jax.device_get(res.state.step)), train_s=budget.elapsed, status=status,
                             first_loss=h[0][key] if key else None, final_loss=h[-1][key] if key else None,
                             samples=len(reader))
+    save_stage_record(export_dir, run.stages[name])
     return export_dir
 
 
@@ -597,7 +622,7 @@ def stage_ode(run: Run, teacher_root: Path, targets_dir: Path) -> Path:
     cfg, p = run.cfg, run.p
     with run.stage("distill_ode") as rec:
         if (p.student / "dit" / "config.json").is_file():
-            rec["status"] = "cached"
+            mark_cached(rec, p.student)
             return p.student
         init = p.work / "student_init"
         teacher_layers = M.read_pose_dit_config(teacher_root).dit.num_layers
@@ -617,7 +642,7 @@ def stage_dmd(run: Run, student_root: Path, teacher_root: Path, targets_dir: Pat
     out = p.work / "student_dmd"
     with run.stage("distill_dmd") as rec:
         if (out / "dit" / "config.json").is_file():
-            rec["status"] = "cached"
+            mark_cached(rec, out)
             return out
         return _distill(run, "distill_dmd", "dmd", student_root, teacher_root, targets_dir, p.work / "dmd_run", out)
 
