@@ -212,3 +212,22 @@ def test_cli_converts_ua_checkpoint(tmp_path):
     assert student.pose_features(jnp.asarray(x)).shape == (1, 2, 1, 1, 12)
     assert np.all(np.asarray(student.pose_features(jnp.asarray(x))) == 0.0)
     assert _max_err(student._encode3d(jnp.asarray(x)), tm.pose(x)) <= TOL
+
+
+def test_auto_implementations_follow_the_device_the_work_is_placed_on(monkeypatch):
+    """In a GPU process, work placed on the host CPU (``jax.default_device(cpu)``, how the world times
+    both models on the CPU) must get the CPU choices: time-folded pose convs and XLA attention. Before
+    this, "auto" looked only at the default backend, so the host-CPU timing ran XLA:CPU's slow 3-D
+    convolution."""
+    from wanjax import attention
+    from wanjax.models.pose import resolve_conv_impl
+    from wanjax.sharding import current_platform
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # as in a CUDA process
+    assert current_platform() == "gpu"
+    assert resolve_conv_impl("auto") == "3d" and attention.default_backend() == "cudnn"
+    for dev in (jax.devices("cpu")[0], "cpu"):
+        with jax.default_device(dev):
+            assert current_platform() == "cpu"
+            assert resolve_conv_impl("auto") == "fold" and attention.default_backend() == "xla"
+    assert resolve_conv_impl("3d") == "3d"  # an explicit choice is kept

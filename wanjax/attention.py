@@ -38,8 +38,11 @@ def check_backend(backend: str) -> str:
 
 
 def default_backend() -> str:
-    """``cudnn`` on GPU, ``splash`` on TPU, ``xla`` elsewhere."""
-    plat = jax.default_backend()
+    """``cudnn`` on GPU, ``splash`` on TPU, ``xla`` elsewhere (the platform of the work's device:
+    ``wanjax.sharding.current_platform``)."""
+    from wanjax.sharding import current_platform
+
+    plat = current_platform()
     return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(plat, "xla")
 
 

@@ -14,6 +14,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+
+def current_platform() -> str:
+    """Platform ("cpu", "gpu", "tpu") that un-placed work runs on here: the device of an enclosing
+    ``jax.default_device(...)`` (e.g. timing on the host CPU inside a GPU process), else JAX's
+    default backend. Implementation choices that depend on the device (conv layout, attention
+    kernel) resolve "auto" with this, so they follow the device the work is placed on."""
+    d = jax.config.jax_default_device
+    if d is None:
+        return jax.default_backend()
+    plat = d if isinstance(d, str) else d.platform
+    return "gpu" if plat in ("cuda", "rocm") else plat
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated)

@@ -131,11 +131,15 @@ CONV_IMPLS = ("auto", "3d", "fold")
 
 def resolve_conv_impl(impl: str) -> str:
     """``"auto"``: ``"fold"`` (time-folded 2-D convs, :func:`wanjax.nn.conv3d_time_folded`) on the
-    CPU, where XLA's 3-D convolution is slow; ``"3d"`` elsewhere."""
+    CPU, where XLA's 3-D convolution is slow; ``"3d"`` elsewhere. The CPU is the platform of the
+    work's device (``wanjax.sharding.current_platform``), not only the default backend: the host
+    CPU of a GPU process also folds."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"pose conv impl {impl!r}: choose one of {CONV_IMPLS}")
     if impl == "auto":
-        return "fold" if jax.default_backend() == "cpu" else "3d"
+        from wanjax.sharding import current_platform
+
+        return "fold" if current_platform() == "cpu" else "3d"
     return impl
 
 
