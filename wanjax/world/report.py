@@ -152,6 +152,17 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
+def _cached_note(s: Mapping[str, Any]) -> list[str]:
+    """A sentence for the stages this command found already trained (a split or resumed run)."""
+    cached = [n for n, st in s["stages"].items() if str(st.get("status", "")).startswith("cached (")]
+    if not cached:
+        return []
+    return [f"Stages {', '.join(cached)} were trained by earlier commands on the same `--config.work_dir` "
+            "(`python -m train.vae` / `python -m train.teacher` with the same config, or an interrupted "
+            "`train.world`) and reused here; their steps, train times and losses in the training table are "
+            "those of that training. The total wall time below counts only this command.", ""]
+
+
 def results_markdown(s: Mapping[str, Any]) -> str:
     """``docs/RESULTS.md`` from the summary written by ``train.world`` (see its keys below)."""
     cfg = s["config"]
@@ -162,7 +173,9 @@ def results_markdown(s: Mapping[str, Any]) -> str:
              "A world whose ground truth we know (issue 7): procedural pose-driven videos "
              "(`wanjax.data.synthetic`), a tiny Wan VAE and a tiny pose + reference teacher trained from scratch, "
              "distilled into a 4-step block-causal student, all with the project's own code. Everything below "
-             "was produced by one command:", "", "```bash", s["command"], "```", "",
+             + ("was produced by this command, with the reused stages noted after it:" if _cached_note(s)
+                else "was produced by one command:"), "", "```bash", s["command"], "```", "",
+             *_cached_note(s),
              f"Device: {s['device']}. Total wall time: {s['total_s']:.0f} s. Seeds: data {cfg['data']['seed']} "
              f"(train split `train`, held-out split `val`, per-sample seeds "
              f"`wanjax.data.synthetic.sample_seed(seed, split, i)`), model init {cfg['seed']}, evaluation noise "

@@ -758,6 +758,8 @@ def stage_report(run: Run, ev: dict[str, Any]) -> dict[str, Path]:
 
 
 def _model_lines(cfg) -> dict[str, str]:
+    from wanjax.world import models as M
+
     v, t = cfg.vae, cfg.teacher
     return {"VAE": f"Wan causal 3-D VAE, base_dim {v.base_dim}, dim_mult {tuple(v.dim_mult)}, "
                    f"{v.num_res_blocks} res blocks, z_dim {v.z_dim} (8x spatial, 4x temporal)",
@@ -765,7 +767,9 @@ def _model_lines(cfg) -> dict[str, str]:
                        f"in_dim 36 (16 noise + 20 y), no CLIP branch; UniAnimate pose conditioner (hidden "
                        f"{t.pose_hidden}); trained with flow matching, pose dropout {t.pose_drop}, image dropout "
                        f"{t.image_drop}, EMA {t.ema_decay}",
-            "student": f"the teacher's architecture, block-causal ({cfg.sample.num_frame_per_block} latent frames "
+            "student": f"the teacher's width, {cfg.student.num_layers} of its {t.num_layers} DiT blocks (teacher blocks "
+                       f"{M.student_layers(int(t.num_layers), int(cfg.student.num_layers))}) and its pose conditioner, "
+                       f"block-causal ({cfg.sample.num_frame_per_block} latent frames "
                        f"per block, KV cache), initialised from the teacher, ODE regression on the teacher's "
                        f"trajectories ({cfg.targets.n} clips) at the {len(cfg.sample.student_steps)}-step student "
                        f"sigmas",
