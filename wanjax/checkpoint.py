@@ -184,15 +184,45 @@ def save_model(model: nnx.Module, out_dir: str | os.PathLike, config: dict, *, o
     return write_params(out_dir, nnx.to_pure_dict(nnx.state(model, nnx.Param)), config, overwrite=overwrite)
 
 
+def mesh_processes(mesh: Mesh) -> set[int]:
+    """The ``jax.process_index`` of every process owning a device of ``mesh``."""
+    return {int(d.process_index) for d in mesh.devices.flat}
+
+
+def _restorer(mesh: Mesh):
+    """A ``StandardCheckpointer`` whose barriers involve only the processes that own ``mesh``.
+
+    Orbax's default meets *every* process of the job at a barrier after each restore (a device
+    collective over all global devices); a process restoring onto its own devices while the others
+    do something else (teacher-target generation: each host loads the teacher on a local mesh, or
+    has nothing to do) would wait there forever. Restricting ``active_processes`` to the mesh's owners
+    keeps the default for a global mesh and skips the barrier for a host-local one.
+    """
+    import orbax.checkpoint as ocp
+
+    owners = mesh_processes(mesh)
+    if jax.process_count() == 1 or len(owners) == jax.process_count():
+        return ocp.StandardCheckpointer()
+    if jax.process_index() not in owners:
+        raise CheckpointError(f"process {jax.process_index()} owns no device of the restore mesh (devices of "
+                              f"processes {sorted(owners)}); pass a mesh that includes its own devices")
+    opts = ocp.options.MultiprocessingOptions(primary_host=min(owners), active_processes=owners,
+                                              barrier_sync_key_prefix=f"wanjax_p{'_'.join(map(str, sorted(owners)))}")
+    return ocp.StandardCheckpointer(multiprocessing_options=opts)
+
+
 def restore_params(model: nnx.Module, ckpt_dir: str | os.PathLike, mesh: Mesh | None = None,
                    *, dtype=None) -> nnx.Module:
     """Restore ``<ckpt_dir>/params`` into ``model`` (concrete or abstract), sharded over ``mesh``.
 
     Shapes are checked against the model; a mismatch names the parameter and both shapes.
+    ``mesh`` None: this process's first local device. Multi-process (``jax.distributed``): the
+    processes that own the mesh's devices restore together (Orbax meets them at a barrier after the
+    read); a mesh of this process's devices only (a host-local mesh) is restored by this process
+    alone, with no cross-host barrier, so hosts that work independently may load different models,
+    or none, at different times.
     """
-    import orbax.checkpoint as ocp
-
-    mesh = mesh if mesh is not None else shd.make_mesh(devices=jax.devices()[:1])
+    mesh = mesh if mesh is not None else shd.make_mesh(devices=jax.local_devices()[:1])
     state = nnx.state(model, nnx.Param)
     shardings = nnx.to_pure_dict(shd.state_shardings(state, mesh))
     abstract = nnx.to_pure_dict(jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state,
@@ -200,7 +230,7 @@ def restore_params(model: nnx.Module, ckpt_dir: str | os.PathLike, mesh: Mesh | 
     path = Path(ckpt_dir).absolute() / "params"
     if not path.exists():
         raise CheckpointError(f"{ckpt_dir}: no params/ directory (is this a converted wanjax checkpoint?)")
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = _restorer(mesh)
     meta = ckptr.metadata(path)
     saved = flatten_params(_meta_tree(meta))
     want = flatten_params(abstract)

@@ -54,8 +54,11 @@ in flight, and a restarted run recomputes exactly that group with the same batch
 arithmetic, which makes its shard bytes and index identical to an uninterrupted run's (checked on
 CPU by the tests; on GPU this also needs deterministic kernels and autotuning, e.g.
 ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``, and the same device count and mesh as before).
-Multi-host: each host loads the teacher on its own local mesh and works independently; at the end
-all hosts meet at a barrier and process 0 writes the merged ``index.json``.
+Multi-host: each host loads the teacher on its own local mesh and works independently (its loads
+meet no other host: :func:`wanjax.checkpoint.restore_params` on a host-local mesh has no cross-host
+barrier, so hosts may load at different times, or not at all when they have nothing to generate); at
+the end every host, busy or not, meets the others once at a barrier and process 0 writes the merged
+``index.json``.
 """
 from __future__ import annotations
 

@@ -1,0 +1,139 @@
+"""A real multi-process run of ``python -m train.generate_teacher`` on the CPU: two processes (two
+devices each) joined by ``jax.distributed.initialize``, each loading the tiny teacher on its own
+host-local mesh and generating its own groups of the manifest, then meeting once at the end for the
+merged index. The output directory must equal a one-process run with the same per-host mesh and batch
+byte for byte (every shard and ``index.json``): each batch of samples goes through the same compiled
+program on the same inputs whichever process runs it, so no tolerance is needed.
+
+The loads must not meet the other process anywhere: before the fix Orbax restored the encoders onto
+global device 0 and met every process at a barrier after each restore, which hung as soon as the hosts'
+loads differed (process 1 cannot place arrays on process 0's device; a host with nothing to generate
+loads nothing). The second run here gives host 1 no group at all while host 0 loads and generates.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_multihost import _env, _free_port
+from tests.test_pipeline import make_tiny_ckpt, pose_frames, ref_image
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_FRAMES = 9
+TIMEOUT = 240  # seconds per launch; a hang is reported with every process's stacks
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny teacher + a 5-row manifest (groups of 2 rows: [s0 s1] [s2 s3] [s4]) and its first 2 rows."""
+    root = tmp_path_factory.mktemp("mh_teacher")
+    ckpt = make_tiny_ckpt(root / "ckpt", teacher=True)
+    data = root / "data"
+    data.mkdir()
+    Image.fromarray(ref_image()).save(data / "ref.png")
+    Image.fromarray(ref_image()[::-1].copy()).save(data / "ref2.png")
+    rows = []
+    for i in range(5):
+        d = data / f"p{i}"
+        d.mkdir()
+        for j, f in enumerate(pose_frames(NUM_FRAMES, seed=i)):
+            Image.fromarray(f).save(d / f"{j:03d}.png")
+        rows.append({"id": f"s{i}", "ref": "ref.png" if i % 2 == 0 else "ref2.png", "pose": f"p{i}",
+                     "prompt": "dance"})
+    lines = [json.dumps(r) + "\n" for r in rows]
+    (data / "m.jsonl").write_text("".join(lines))
+    (data / "m2.jsonl").write_text("".join(lines[:2]))
+    return {"root": root, "ckpt": ckpt, "data": data}
+
+
+def _cmd(world, manifest: str, out: Path, *extra: str) -> list[str]:
+    # -X faulthandler: SIGABRT on a timeout prints where every thread of the process waits
+    return [sys.executable, "-X", "faulthandler", "-m", "train.generate_teacher",
+            "--config", "configs/teacher.py:tiny", f"--config.ckpt_dir={world['ckpt']}",
+            f"--config.prompt_embeds_path={world['ckpt'] / 'text.npz'}",
+            f"--config.data.manifest={world['data'] / manifest}", f"--config.out_dir={out}",
+            "--config.data.rows_per_shard=2", "--config.batch_size=2", "--config.mesh.data=1",
+            "--config.mesh.fsdp=2", "--config.progress=false", *extra]
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[str]:
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=TIMEOUT)[0])
+        except subprocess.TimeoutExpired:
+            stacks = []
+            for q in procs:
+                if q.poll() is None:
+                    q.send_signal(signal.SIGABRT)
+                try:
+                    stacks.append(q.communicate(timeout=30)[0])
+                except subprocess.TimeoutExpired:
+                    q.kill()
+                    stacks.append(q.communicate()[0])
+            pytest.fail("generate_teacher hung; output of each process:\n" +
+                        "\n".join(f"--- process {i}\n{s[-6000:]}" for i, s in enumerate(stacks)))
+    return outs
+
+
+def _two_processes(world, manifest: str, out: Path) -> list[str]:
+    port = _free_port()
+    procs = [subprocess.Popen(_cmd(world, manifest, out, f"--config.distributed.coordinator_address=localhost:{port}",
+                                   "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
+                              cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = _wait(procs)
+    for i, (p, o) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i}:\n{o[-4000:]}"
+        assert f"process {i} of 2, 4 devices" in o, o[-2000:]
+    return outs
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_two_processes_write_what_one_process_writes(world):
+    from wanjax.data.targets import TargetReader
+
+    root = world["root"]
+    single = subprocess.run(_cmd(world, "m.jsonl", root / "single"), cwd=REPO, env=_env(2), capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, single.stderr[-4000:]
+
+    # host 0: groups 0 and 2 (s0 s1, then s4 in a padded batch); host 1: group 1 (s2 s3)
+    outs = _two_processes(world, "m.jsonl", root / "multi")
+    assert "host 0/2: 0 of its 2 shards already written, 2 to generate" in outs[0]
+    assert "host 1/2: 0 of its 1 shards already written, 1 to generate" in outs[1]
+    a, b = _files(root / "single"), _files(root / "multi")
+    assert sorted(b) == ["index-p00000.json", "index-p00001.json", "index.json", "shard-00000.safetensors",
+                         "shard-00001.safetensors", "shard-00002.safetensors"]
+    for name in ["index.json"] + [n for n in a if n.startswith("shard-")]:
+        assert a[name] == b[name], name  # same samples, metadata and arrays, byte for byte
+    ra, rb = TargetReader(root / "single"), TargetReader(root / "multi")
+    assert ra.ids == rb.ids == ["s0", "s1", "s2", "s3", "s4"]
+    for sid in ra.ids:
+        da, db = ra.get(sid), rb.get(sid)
+        assert sorted(da) == sorted(db) and all(np.array_equal(da[k], db[k]) for k in da), sid
+        assert ra.meta(sid) == rb.meta(sid)
+    assert not np.array_equal(ra.get("s0")["x0"], ra.get("s1")["x0"])
+
+    # a finished directory: both hosts have nothing to do and only meet at the end; nothing is rewritten
+    outs = _two_processes(world, "m.jsonl", root / "multi")
+    assert all("0 new samples" in o for o in outs)
+    assert _files(root / "multi") == b
+
+    # one group in all: host 0 loads the teacher and generates it, host 1 loads nothing and waits at the end
+    outs = _two_processes(world, "m2.jsonl", root / "one_group")
+    assert "host 1/2: 0 of its 0 shards already written, 0 to generate" in outs[1]
+    c = _files(root / "one_group")
+    assert sorted(c) == ["index-p00000.json", "index.json", "shard-00000.safetensors"]
+    assert c["shard-00000.safetensors"] == a["shard-00000.safetensors"]
+    assert TargetReader(root / "one_group").ids == ["s0", "s1"]
