@@ -20,3 +20,65 @@ def print_table(name: str, rows) -> None:
     print(f"\n== bench.{name} ==")
     for r in rows:
         print(f"{r[0]:<{width}}  " + "  ".join(str(x) for x in r[1:]))
+
+
+def _op_category(name: str, text: str) -> str:
+    s = (name + " " + text).lower()
+    if "fmha" in s or "flash" in s or "cudnn$fmha" in s or "dot_product_attention" in s:
+        return "attention (cuDNN)"
+    if "conv" in s and ("convolution" in s or "cudnn-conv" in s or "cudnn$conv" in s):
+        return "convolution"
+    if "gemm" in s or "cublas" in s or "matmul" in s or " dot(" in s or name.startswith("nvjet"):
+        return "matmul"
+    if any(c in s for c in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")):
+        return "collective"
+    if name.startswith(("copy", "transpose")) or "memcpy" in s or "memset" in s:
+        return "copy / memset"
+    if "fusion" in s or "loop_" in s or "input_" in s:
+        return "fusion (elementwise / reduce)"
+    return "other"
+
+
+def device_op_times(trace_dir: str, top: int = 30) -> dict:
+    """Device time per XLA op in a ``jax.profiler.trace`` directory (the newest ``*.xplane.pb``):
+    ``{"total_ms", "by_category": {cat: ms}, "top": [[name, category, ms, count], ...]}``. Reads the
+    GPU planes' "XLA Ops" lines (one event per executed HLO op); None-safe on other backends."""
+    import glob
+    import os
+    from collections import defaultdict
+
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return {"total_ms": 0.0, "by_category": {}, "top": [], "note": f"no xplane.pb under {trace_dir}"}
+    pd = ProfileData.from_file(files[-1])
+    per_op: dict = defaultdict(lambda: [0.0, 0, ""])
+    seen = []
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        lines = list(plane.lines)
+        seen += [f"{plane.name}:{line.name}" for line in lines]
+        ops = [line for line in lines if "xla ops" in line.name.lower()]
+        # without an "XLA Ops" line (older / other profilers): the kernels on the streams
+        ops = ops or [line for line in lines if line.name.lower().startswith("stream")]
+        for line in ops:
+            for ev in line.events:
+                text = ""
+                for k, v in ev.stats:
+                    if k in ("long_name", "hlo_category", "tf_op"):
+                        text += f" {v}"
+                r = per_op[ev.name]
+                r[0] += ev.duration_ns / 1e6
+                r[1] += 1
+                r[2] = r[2] or text[:300]
+    by_cat: dict = defaultdict(float)
+    rows = []
+    for name, (ms, count, text) in per_op.items():
+        cat = _op_category(name, text)
+        by_cat[cat] += ms
+        rows.append([name, cat, ms, count])
+    rows.sort(key=lambda r: -r[2])
+    return {"total_ms": sum(by_cat.values()), "by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
+            "top": rows[:top], "lines": seen[:40]}

@@ -14,7 +14,9 @@ that its peak memory is its own. Prints one table: compile time, step time, peak
 model TFLOP per step, MFU.
 
 ``--remat_policy`` (default ``attention``, as configs/distill.py) picks what a rematerialised block
-keeps (``wanjax.models.dit.REMAT_POLICIES``); ``--pose_conv`` the pose stack's 3-D conv form.
+keeps (``wanjax.models.dit.REMAT_POLICIES``); ``--pose_conv`` the pose stack's 3-D conv form;
+``--pose_time_chunk`` (default 0 = whole video, as configs/distill.py) the latent frames per pass of
+the pose stacks.
 
 MFU = model FLOPs of the step / (step time x devices x peak bf16 FLOP/s per device). Model FLOPs
 (``wanjax.training.dit_forward_flops`` + ``pose_encoder_flops``; matmuls and convolutions, 2 per
@@ -64,7 +66,7 @@ def _models(args, mesh):
         pc = pc.replace(dit=pc.dit.replace(dtype=dtype, param_dtype=param_dtype, attention=args.attention,
                                            remat=remat, remat_policy=args.remat_policy,
                                            max_frames=max(args.frames, pc.dit.max_frames)),
-                        pose=dataclasses.replace(pc.pose, remat=remat))
+                        pose=dataclasses.replace(pc.pose, remat=remat, time_chunk=args.pose_time_chunk or None))
         abstract = nnx.eval_shape(lambda: ua.PoseDiT(pc, rngs=nnx.Rngs(seed)))
         gd, state = nnx.split(abstract)
         sh = shd.state_shardings(state, mesh)
@@ -172,6 +174,16 @@ def run_stage(args) -> dict:
         state, m = step(state)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
+    prof = None
+    if args.profile:  # one more step under the profiler: device time per XLA op and per category
+        from bench.common import device_op_times
+
+        d = os.path.join(args.profile, f"{phase}_{args.remat_policy}")
+        with jax.profiler.trace(d):
+            state, m = step(state)
+            jax.block_until_ready(state)
+        prof = device_op_times(d)
+        print("PROFILE " + json.dumps(prof), flush=True)
     flops = next(p for p in trainer.phases if p.name == phase).flops_per_sample * n
     step = float(np.median(times))
     peak = peak_flops_per_device(args.peak_tflops * 1e12 if args.peak_tflops else None)
@@ -180,7 +192,7 @@ def run_stage(args) -> dict:
             "compile_and_first_s": t_first, "step_s": step, "steps_s": times,
             "peak_gib": (peak_bytes() or 0) / 2 ** 30, "model_tflop": flops / 1e12,
             "mfu": flops / step / (peak * n) if peak else None, "loss": loss,
-            "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy,
+            "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy, "pose_time_chunk": args.pose_time_chunk,
             "pose_conv": args.pose_conv, "memory_gib": mem}
 
 
@@ -202,15 +214,18 @@ def main(argv=None):
                     help="comma-separated wanjax.models.dit.REMAT_POLICIES to compare (one row each)")
     ap.add_argument("--pose_conv", default="3d",
                     help="comma-separated pose-stack conv implementations (3d, fold, auto) to compare")
+    ap.add_argument("--pose_time_chunk", type=int, default=0,
+                    help="latent frames per pass of the pose stacks (configs/distill.py pose_time_chunk; 0: whole)")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages (without --only)")
     ap.add_argument("--memory", action="store_true", help="print XLA's memory analysis of the compiled step")
+    ap.add_argument("--profile", default="", help="trace one extra step into DIR and report device time per op")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.only:
         args.stage = args.only
         print("BENCH_ROW " + json.dumps(run_stage(args)), flush=True)
         return 0
-    rows = []
+    rows, profiles = [], []
     own = ("--json", "--remat_policy", "--pose_conv", "--stages")  # handled here, not passed on
     passthrough, skip = [], False
     for a in (argv if argv is not None else sys.argv[1:]):
@@ -228,6 +243,9 @@ def main(argv=None):
                 p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
                 line = [l for l in p.stdout.splitlines() if l.startswith("BENCH_ROW ")]
                 mem = [l for l in p.stdout.splitlines() if l.startswith("MEMORY ")]
+                prof = [l for l in p.stdout.splitlines() if l.startswith("PROFILE ")]
+                if prof:
+                    profiles.append((f"{stage} {policy} {conv}", json.loads(prof[-1][len("PROFILE "):])))
                 if mem:
                     sys.stderr.write(f"{stage} {policy} {conv}: {mem[-1]}\n")
                 if p.returncode or not line:
@@ -249,8 +267,16 @@ def main(argv=None):
                       f"{r['step_s']:.3f}", f"{r['peak_gib']:.1f}", f"{r['model_tflop']:.1f}",
                       "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"))
     print_table("train", table)
+    for label, pr in profiles:  # --profile: where the traced step's device time went
+        sys.stderr.write(f"\nprofile of {label}: {pr['total_ms']:.1f} ms of device ops "
+                         f"(trace lines: {', '.join(pr.get('lines', [])[:12])})\n")
+        for cat, ms in pr["by_category"].items():
+            sys.stderr.write(f"  {cat:<32} {ms:9.1f} ms  {100 * ms / max(pr['total_ms'], 1e-9):5.1f}%\n")
+        for name, cat, ms, count in pr["top"]:
+            sys.stderr.write(f"    {name[:60]:<60} {cat:<30} {ms:8.1f} ms  x{count}\n")
     if rows and "device" in rows[0]:
-        print(f"device: {rows[0]['device']}, {args.frames} latent frames, {args.height}x{args.width}")
+        print(f"device: {rows[0]['device']}, {args.frames} latent frames, {args.height}x{args.width}, "
+              f"pose time chunk {args.pose_time_chunk or 'off'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

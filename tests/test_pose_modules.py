@@ -231,3 +231,31 @@ def test_auto_implementations_follow_the_device_the_work_is_placed_on(monkeypatc
             assert current_platform() == "cpu"
             assert resolve_conv_impl("auto") == "fold" and attention.default_backend() == "xla"
     assert resolve_conv_impl("3d") == "3d"  # an explicit choice is kept
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_config_time_chunk_is_exact_for_values_and_gradients(chunk):
+    """``PoseConfig.time_chunk`` (the default of ``pose_features``; 0 passed explicitly = the whole
+    video) runs the stack chunk by chunk with halos of 2 latent frames (7 latent frames: chunk 2 keeps
+    [0,2) [2,4) [4,6) [6,7), the last one short). Under remat it gives the whole-video value and the
+    same gradients for the parameters and the input (float32; tolerance as TOL: only the
+    convolutions' summation order differs)."""
+    whole = PoseConditioner(PoseConfig(hidden=4, out_dim=6, remat=True), rngs=nnx.Rngs(0))
+    chunked = PoseConditioner(PoseConfig(hidden=4, out_dim=6, remat=True, time_chunk=chunk), rngs=nnx.Rngs(0))
+    x = jnp.asarray(_rand((1, 28, 16, 16, 3), seed=5))  # 7 latent frames
+    w = jnp.asarray(_rand((1, 7, 1, 1, 6), seed=6))
+
+    def loss(m, v):
+        return jnp.sum(m.pose_features(v) * w)
+
+    lw, (gw_m, gw_x) = nnx.value_and_grad(loss, argnums=(0, 1))(whole, x)
+    lc, (gc_m, gc_x) = nnx.value_and_grad(loss, argnums=(0, 1))(chunked, x)
+    assert abs(float(lw - lc)) <= TOL * max(1.0, abs(float(lw)))
+    assert _max_err(gc_x, gw_x) <= TOL * max(1.0, float(jnp.abs(gw_x).max()))
+    for a, b in zip(jax.tree.leaves(nnx.state(gc_m, nnx.Param)), jax.tree.leaves(nnx.state(gw_m, nnx.Param))):
+        assert _max_err(a, b) <= TOL * max(1.0, float(jnp.abs(b).max()))
+    # the explicit 0 overrides the config: one pass, same value
+    assert _max_err(chunked.pose_features(x, time_chunk=0), whole.pose_features(x)) <= TOL
+    with pytest.raises(ValueError, match="time_chunk"):
+        chunked.pose_features(x, time_chunk=-1)
+

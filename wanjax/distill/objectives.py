@@ -65,17 +65,17 @@ def _preset(name: str, flag: str) -> ua.PoseDiTConfig:
 
 
 def _with_numerics(pcfg: ua.PoseDiTConfig, *, dtype: str, param_dtype: str, attention: str, remat: bool,
-                   remat_policy: str = "full", **dit_over) -> ua.PoseDiTConfig:
+                   remat_policy: str = "full", pose_time_chunk: int | None = None, **dit_over) -> ua.PoseDiTConfig:
     dit = pcfg.dit.replace(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
                            remat_policy=remat_policy, **dit_over)
-    return pcfg.replace(dit=dit, pose=dataclasses.replace(pcfg.pose, remat=remat))
+    return pcfg.replace(dit=dit, pose=dataclasses.replace(pcfg.pose, remat=remat, time_chunk=pose_time_chunk or None))
 
 
 def student_config(cfg) -> ua.PoseDiTConfig:
     s = cfg.student
     return _with_numerics(_preset(s.preset, "student.preset"), dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype,
                           attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"),
-                          num_frame_per_block=s.num_frame_per_block,
+                          pose_time_chunk=cfg.get("pose_time_chunk", 0), num_frame_per_block=s.num_frame_per_block,
                           max_frames=s.max_frames)
 
 
@@ -105,7 +105,7 @@ def load_pose_dit(root: str | Path, pcfg: ua.PoseDiTConfig, *, flag: str, mesh=N
         raise DistillError(f"--config.{flag}={root}: the DiT checkpoint does not match its preset (" + "; ".join(bad)
                            + ")")
     pose_src = PoseConfig.from_dict(read_config(root / "pose"))
-    pcfg = pcfg.replace(pose=dataclasses.replace(pose_src, remat=pcfg.pose.remat))
+    pcfg = pcfg.replace(pose=dataclasses.replace(pose_src, remat=pcfg.pose.remat, time_chunk=pcfg.pose.time_chunk))
     model = nnx.eval_shape(lambda: ua.PoseDiT(pcfg, rngs=nnx.Rngs(0)))
     restore_params(model.dit, root / "dit", mesh, dtype=dtype)
     restore_params(model.pose, root / "pose", mesh, dtype=jnp.float32)
@@ -141,7 +141,7 @@ def build_student(cfg, mesh=None) -> ua.PoseDiT:
 def build_teacher(cfg, mesh=None) -> ua.PoseDiT:
     t = cfg.teacher
     pcfg = _with_numerics(_preset(t.preset, "teacher.preset"), dtype=t.dtype, param_dtype=t.dtype,
-                          attention=cfg.attention, remat=False)
+                          attention=cfg.attention, remat=False, pose_time_chunk=cfg.get("pose_time_chunk", 0))
     if not t.ckpt_dir:
         raise DistillError("objective=dmd needs the teacher: set --config.teacher.ckpt_dir=ROOT (dit/ + pose/, "
                            "the converted UniAnimate teacher)")
@@ -152,7 +152,8 @@ def build_critic(cfg, student: ua.PoseDiT) -> ua.PoseDiT:
     """Critic with the student's initial weights (same preset) or a fresh init of ``critic.preset``."""
     name = cfg.critic.preset or cfg.student.preset
     pcfg = _with_numerics(_preset(name, "critic.preset"), dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype,
-                          attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"))
+                          attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"),
+                          pose_time_chunk=cfg.get("pose_time_chunk", 0))
     critic = ua.PoseDiT(pcfg.replace(pose=student.cfg.pose) if name == cfg.student.preset else pcfg,
                         rngs=nnx.Rngs(cfg.seed + 1))
     if name == cfg.student.preset:

@@ -69,7 +69,13 @@ class PoseConfig:
     ``hidden = concat_dim * 4 = 16``; ``out_dim`` is the DiT width the 3D stack maps to (5120 for the
     14B teacher); ``ref_dim = 20`` is the I2V ``y`` width; ``proj_dim`` (e.g. 1536 for the 1.3B student)
     adds ``pose_proj``; ``zero_init_proj`` zero-initialises it so that the student starts unchanged.
-    ``remat`` rematerialises the full-resolution layers under differentiation.
+    ``remat`` rematerialises the full-resolution layers under differentiation. ``time_chunk``: latent
+    frames per pass of the 3-D stack when :meth:`PoseConditioner.pose_features` is not given one
+    (None: the whole video in one pass). Exact (a halo of 2 latent frames each side). It is meant to
+    bound the full-resolution activations (at 480x832 and 21 latent frames every 16-channel float32
+    activation of the whole video is 2 GiB). On an H100 it did not pay in training at 21 latent
+    frames (chunks of 3: the ODE step slower, the DMD generator's temporaries larger; see
+    docs/PERFORMANCE.md), so configs/distill.py leaves it off; it is there for longer clips.
     """
     hidden: int = 16
     out_dim: int = 5120
@@ -78,6 +84,7 @@ class PoseConfig:
     proj_dim: int | None = None
     zero_init_proj: bool = True
     remat: bool = True
+    time_chunk: int | None = None
 
     @property
     def token_dim(self) -> int:
@@ -213,9 +220,10 @@ class PoseConditioner(nnx.Module):
         Args:
           pose: ``[B, 4*F_lat, H, W, 3]`` RGB in [0, 1], frame 0 already repeated 3x
             (``wanjax.pose.video.prepare_pose_video``); H and W multiples of 16.
-          time_chunk: if set, evaluate ``time_chunk`` latent frames at a time with a halo of 2 latent
+          time_chunk: evaluate ``time_chunk`` latent frames at a time with a halo of 2 latent
             frames (8 pose frames) each side; exact (the receptive field is +-7 frames, spec 3.3) and
-            bounds the full-resolution activations to ``4*(time_chunk+4)`` frames.
+            bounds the full-resolution activations to ``4*(time_chunk+4)`` frames. None: the
+            config's ``time_chunk``; 0: the whole video in one pass.
         Returns:
           ``[B, F_lat, H/16, W/16, D]``, D = ``proj_dim`` or ``out_dim``, in ``dtype``.
           Flatten ``(f, h, w)`` row-major to get the DiT token order. UA runs this stack in float32
@@ -233,11 +241,13 @@ class PoseConditioner(nnx.Module):
             raise ValueError(f"pose_features: H x W = {h} x {w} must be multiples of 16 (VAE 8 x patch 2)")
         x = pose.astype(self.dtype)
         n = t // 4
-        if time_chunk is None or time_chunk >= n:
+        if time_chunk is None:
+            time_chunk = self.cfg.time_chunk
+        if not time_chunk or time_chunk >= n:
             y = self._encode3d(x)
         else:
-            if time_chunk < 1:
-                raise ValueError(f"pose_features: time_chunk must be >= 1, got {time_chunk}")
+            if time_chunk < 0:
+                raise ValueError(f"pose_features: time_chunk must be >= 0 (0: whole video), got {time_chunk}")
             outs = []
             for a in range(0, n, time_chunk):
                 e = min(a + time_chunk, n)

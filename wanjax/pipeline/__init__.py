@@ -109,7 +109,7 @@ class PoseDiT:
 
             def fn(s, v):
                 v = v.astype(jnp.float32) / 255.0 if v.dtype == jnp.uint8 else v.astype(jnp.float32)
-                tok = nnx.merge(gd, s).pose_features(v, time_chunk=chunk if v.shape[1] // 4 > chunk else None)
+                tok = nnx.merge(gd, s).pose_features(v, time_chunk=chunk if v.shape[1] // 4 > chunk else 0)
                 return tok.astype(cdt)
 
             fn = jax.jit(fn)
