@@ -16,7 +16,7 @@ model TFLOP per step, MFU.
 ``--remat_policy`` (default ``attention``, as configs/distill.py) picks what a rematerialised block
 keeps (``wanjax.models.dit.REMAT_POLICIES``); ``--pose_conv`` the pose stack's 3-D conv form;
 ``--pose_time_chunk`` (default 0 = whole video, as configs/distill.py) the latent frames per pass of
-the pose stacks.
+the pose stacks; ``--offload`` keeps optimizer state and EMA in pinned host memory (``Trainer(offload=True)``).
 
 MFU = model FLOPs of the step / (step time x devices x peak bf16 FLOP/s per device). Model FLOPs
 (``wanjax.training.dit_forward_flops`` + ``pose_encoder_flops``; matmuls and convolutions, 2 per
@@ -132,7 +132,7 @@ def run_stage(args) -> dict:
                                                                        args.height, args.width)
         phases = [Phase("ode", "student", lambda m, b, k: ode.ode_loss(m, b, k), flops_per_sample=3 * fwd)]
         trainer = Trainer({"student": student}, {"student": make_optimizer(2e-5)}, phases, mesh,
-                          ema={"student": EMAConfig(0.99, 0)})
+                          ema={"student": EMAConfig(0.99, 0)}, offload=args.offload)
         phase = "ode"
     else:
         ns = types.SimpleNamespace
@@ -142,7 +142,8 @@ def run_stage(args) -> dict:
         phases = objectives.dmd_phases(cfg, student, teacher, critic, sample)
         opt = lambda lr: make_optimizer(lr, b1=0.0, b2=0.999, mu_dtype=args.dmd_mu_dtype or None)
         trainer = Trainer({"student": student, "critic": critic}, {"student": opt(2e-6), "critic": opt(4e-7)},
-                          phases, mesh, frozen={"teacher": teacher}, ema={"student": EMAConfig(0.99, 0)})
+                          phases, mesh, frozen={"teacher": teacher}, ema={"student": EMAConfig(0.99, 0)},
+                          offload=args.offload)
         phase = args.stage
     del student, critic, teacher
     state = trainer.init_state(keep_initial=False)
@@ -192,7 +193,7 @@ def run_stage(args) -> dict:
             "compile_and_first_s": t_first, "step_s": step, "steps_s": times,
             "peak_gib": (peak_bytes() or 0) / 2 ** 30, "model_tflop": flops / 1e12,
             "mfu": flops / step / (peak * n) if peak else None, "loss": loss,
-            "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy, "pose_time_chunk": args.pose_time_chunk,
+            "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy, "pose_time_chunk": args.pose_time_chunk, "offload": args.offload,
             "pose_conv": args.pose_conv, "memory_gib": mem}
 
 
@@ -218,6 +219,8 @@ def main(argv=None):
                     help="latent frames per pass of the pose stacks (configs/distill.py pose_time_chunk; 0: whole)")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages (without --only)")
     ap.add_argument("--memory", action="store_true", help="print XLA's memory analysis of the compiled step")
+    ap.add_argument("--offload", action="store_true",
+                    help="optimizer state + EMA in pinned host memory (configs/distill.py offload_state)")
     ap.add_argument("--profile", default="", help="trace one extra step into DIR and report device time per op")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
@@ -276,7 +279,7 @@ def main(argv=None):
             sys.stderr.write(f"    {name[:60]:<60} {cat:<30} {ms:8.1f} ms  x{count}\n")
     if rows and "device" in rows[0]:
         print(f"device: {rows[0]['device']}, {args.frames} latent frames, {args.height}x{args.width}, "
-              f"pose time chunk {args.pose_time_chunk or 'off'}")
+              f"pose time chunk {args.pose_time_chunk or 'off'}, offload {'on' if args.offload else 'off'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -45,6 +45,9 @@ def _base() -> ml_collections.ConfigDict:
     c.pose_time_chunk = 0             # latent frames per pass of the pose stacks (0: whole video in one pass).
                                       # Exact. Measured on an H100 (21 frames, 480x832) at 3: ODE step 2.02 ->
                                       # 2.52 s and the DMD generator's temporaries 32.6 -> 40.0 GiB, so off
+    c.offload_state = False           # optimizer state + EMA in pinned host memory; a phase moves only its own model's
+                                      # to the device for its update (Trainer(offload=True)). Meant for the DMD steps,
+                                      # whose other model's Adam state / EMA otherwise sit unused on the device
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = distributed_config()  # initialize auto | yes | no, coordinator_address, num_processes, process_id
     c.data = ml_collections.ConfigDict(dict(dir="", seed=0, on_error="stop", prefetch=2, verify=True,

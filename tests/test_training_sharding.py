@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -98,10 +99,64 @@ def test_gradient_accumulation_equals_full_batch():
     np.testing.assert_allclose([r["net/loss"] for r in h1], [r["net/loss"] for r in h2], rtol=1e-6)
 
 
-def test_dmd_steps_run_on_the_sharded_mesh(tmp_path):
+def test_offloaded_optimizer_state_and_ema_give_the_same_run(tmp_path):
+    """``Trainer(offload=True)``: the optimizer state and EMA of both models live in pinned host memory
+    (sharded like the parameters), each phase moves only its own model's to the device and back, and
+    the run is bit-identical to the on-device one (the moves are copies). Two models, each phase using
+    the other's parameters, check the pass-through of the other model's state; a checkpoint of the offloaded state
+    restores onto the host shardings and continues identically."""
+    from wanjax.training.ckpt import Checkpointer
+    from wanjax.training.loop import HOST
+
+    def loss_gen(m, mb, k, crit):
+        return jnp.mean(jnp.square(m(mb["x"]) - mb["y"] + 0.1 * crit(mb["x"]))), {}
+
+    def loss_crit(m, mb, k, gen):
+        return jnp.mean(jnp.square(m(mb["x"]) + mb["y"] - 0.1 * gen(mb["x"]))), {}
+
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.normal(size=8).astype(np.float32), "y": rng.normal(size=4).astype(np.float32)} for _ in range(8)]
+    mesh = shd.make_mesh(data=2, fsdp=4)
+    batch = {k: np.stack([d[k] for d in data]) for k in ("x", "y")}
+
+    def run(offload, steps=3, state=None):
+        tr = Trainer({"gen": MLP(nnx.Rngs(0)), "crit": MLP(nnx.Rngs(1))},
+                     {"gen": make_optimizer(1e-2), "crit": make_optimizer(1e-2, mu_dtype=jnp.bfloat16)},
+                     [Phase("gen", "gen", loss_gen, uses=("crit",)), Phase("crit", "crit", loss_crit, uses=("gen",))],
+                     mesh, ema={"gen": EMAConfig(0.9, 0)}, offload=offload)
+        state = tr.init_state() if state is None else state
+        for i in range(steps):
+            state, _ = tr.step(state, {"gen": batch, "crit": batch}, i)
+        return tr, state
+
+    tr_dev, s_dev = run(False)
+    tr_off, s_off = run(True)
+    kinds = lambda tree: {a.sharding.memory_kind for a in jax.tree.leaves(tree)}
+    for n in ("gen", "crit"):
+        assert kinds(s_off.models[n].opt_state) == {HOST} and kinds(s_off.models[n].params) == {"device"}
+        assert kinds(s_dev.models[n].opt_state) == {"device"}
+    assert kinds(s_off.models["gen"].ema) == {HOST}
+    mu = jax.tree.leaves(s_off.models["gen"].opt_state)
+    assert {a.sharding.spec for a in mu if a.ndim == 2} == {P(None, "fsdp"), P("fsdp", None)}  # sharded like the params
+    for x, y in zip(jax.tree.leaves(jax.device_get(s_off)), jax.tree.leaves(jax.device_get(s_dev))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # checkpoint round trip of the offloaded state, then one more step on each side
+    ck = Checkpointer(tmp_path / "ck", async_save=False)
+    ck.save(3, s_off, {"step": 3}, wait=True)
+    restored, _ = ck.restore(tr_off.abstract_state())
+    assert kinds(restored.models["gen"].opt_state) == {HOST}
+    s_off2, _ = tr_off.step(restored, {"gen": batch, "crit": batch}, 3)
+    s_dev2, _ = tr_dev.step(s_dev, {"gen": batch, "crit": batch}, 3)
+    for x, y in zip(jax.tree.leaves(jax.device_get(s_off2)), jax.tree.leaves(jax.device_get(s_dev2))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_dmd_steps_run_on_the_sharded_mesh(tmp_path, offload):
     """Two DMD iterations on data=2 x fsdp=4: iteration 0 updates generator then critic, iteration 1
     the critic only (dfake_gen_update_ratio 5); every loss is finite; the exit step is the one drawn
-    from the replicated run key (so every replica agrees); the student's EMA moves only with it."""
+    from the replicated run key (so every replica agrees); the student's EMA moves only with it. Also
+    with ``offload_state`` (optimizer state and EMA in pinned host memory), as train.distill runs it."""
     teacher_root = tmp_path / "teacher"
     export_inference(make_teacher(0), teacher_root)       # also exercises the teacher loader
     neg = tmp_path / "neg.npz"
@@ -109,7 +164,7 @@ def test_dmd_steps_run_on_the_sharded_mesh(tmp_path):
     cfg = tiny_cfg(tmp_path / "run", **{"objective": "dmd", "total_steps": 2, "batch_size": 2, "log_every": 1,
                                         "ckpt_every": 0, "teacher.ckpt_dir": str(teacher_root),
                                         "data.negative_embeds_path": str(neg), "mesh.data": 2, "mesh.fsdp": 4,
-                                        "export.enabled": False})
+                                        "export.enabled": False, "offload_state": offload})
     assert cfg.dmd.gen_update_ratio == 5 and cfg.dmd.b1 == 0.0 and cfg.dmd.b2 == 0.999
     assert (cfg.dmd.lr_generator, cfg.dmd.lr_critic) == (2e-6, 4e-7)
     res = objectives.run(cfg, dataset=make_inputs(4))
@@ -126,3 +181,7 @@ def test_dmd_steps_run_on_the_sharded_mesh(tmp_path):
     assert [p.name for p in trainer.active_phases(5)] == ["generator", "critic"]
     assert [p.name for p in trainer.active_phases(6)] == ["critic"]
     assert trainer.frozen_params["teacher"]["dit"]["blocks"]["ffn"]["fc1"]["kernel"].sharding.spec == P(None, "fsdp", None)
+    want = "pinned_host" if offload else "device"
+    for n in ("student", "critic"):
+        assert {a.sharding.memory_kind for a in jax.tree.leaves(res.state.models[n].opt_state)} == {want}, n
+    assert {a.sharding.memory_kind for a in jax.tree.leaves(res.state.models["student"].ema)} == {want}

@@ -388,7 +388,7 @@ def build(cfg, dataset=None, mesh=None):
                                                 max_grad_norm=o.max_grad_norm, warmup_steps=o.warmup_steps,
                                                 mu_dtype=o.mu_dtype or None)},
             phases, mesh, ema={"student": ema_cfg} if ema_cfg else None, master_dtype=jnp.dtype(cfg.master_dtype),
-            accum_steps=cfg.accum_steps, seed=cfg.seed)
+            accum_steps=cfg.accum_steps, seed=cfg.seed, offload=cfg.get("offload_state", False))
     else:
         teacher = build_teacher(cfg, mesh)
         critic = build_critic(cfg, student)
@@ -400,7 +400,8 @@ def build(cfg, dataset=None, mesh=None):
         trainer = loop_lib.Trainer(
             {"student": student, "critic": critic}, {"student": opt(d.lr_generator), "critic": opt(d.lr_critic)},
             phases, mesh, frozen={"teacher": teacher}, ema={"student": ema_cfg} if ema_cfg else None,
-            master_dtype=jnp.dtype(cfg.master_dtype), accum_steps=cfg.accum_steps, seed=cfg.seed)
+            master_dtype=jnp.dtype(cfg.master_dtype), accum_steps=cfg.accum_steps, seed=cfg.seed,
+            offload=cfg.get("offload_state", False))
     collate = make_collate(cfg, text_len, neg)
 
     def iterator(pos):

@@ -112,6 +112,14 @@ class Phase:
         return step % self.every == self.offset
 
 
+HOST = "pinned_host"  # the memory kind of offloaded optimizer state / EMA
+
+
+def _with_kind(shardings, kind: str):
+    """``shardings`` (a pytree of NamedSharding, None leaves kept) in memory ``kind``."""
+    return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings)
+
+
 def _replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -136,13 +144,25 @@ class Trainer:
       master_dtype: dtype of the parameters in the state (float32: master weights).
       accum_steps: micro-batches per update (gradient accumulation).
       seed: base of the run's RNG.
+      offload: keep every model's optimizer state and EMA in pinned host memory (JAX memory kind
+        ``pinned_host``, sharded as on the device). A phase moves only its own model's optimizer
+        state and EMA to the device for the update and back afterwards; the other models' pass
+        through on the host. Device memory then holds the parameters (and the step's temporaries)
+        only, at the price of those transfers. Same numbers as without.
     """
 
     def __init__(self, models: Mapping[str, nnx.Module], optimizers: Mapping[str, optax.GradientTransformation],
                  phases: Sequence[Phase], mesh: Mesh, *, frozen: Mapping[str, nnx.Module] | None = None,
                  ema: Mapping[str, st.EMAConfig] | None = None, master_dtype=jnp.float32,
-                 accum_steps: int = 1, seed: int = 0):
+                 accum_steps: int = 1, seed: int = 0, offload: bool = False):
         self.mesh = mesh
+        self.offload = bool(offload)
+        if self.offload:
+            kinds = {m.kind for m in mesh.devices.flat[0].addressable_memories()}
+            if HOST not in kinds:
+                raise ValueError(f"offload=True needs the {HOST!r} memory kind, which "
+                                 f"{mesh.devices.flat[0].platform} devices here lack (they have {sorted(kinds)}); "
+                                 f"set --config.offload_state=false")
         self.phases = list(phases)
         self.optimizers = dict(optimizers)
         self.ema_cfg = dict(ema or {})
@@ -194,7 +214,10 @@ class Trainer:
             ps = self.param_shardings[n]
             opt = optax.tree_map_params(self.optimizers[n], lambda _, s: s, ms.opt_state, ps,
                                         transform_non_params=lambda _: repl)
-            models[n] = st.ModelState(params=ps, opt_state=opt, ema=None if ms.ema is None else ps)
+            ema = None if ms.ema is None else ps
+            if self.offload:
+                opt, ema = _with_kind((opt, ema), HOST)
+            models[n] = st.ModelState(params=ps, opt_state=opt, ema=ema)
         return st.TrainState(step=repl, rng=repl, data_pos=repl, models=models)
 
     def abstract_state(self) -> st.TrainState:
@@ -232,6 +255,10 @@ class Trainer:
         ms = state.models[name]
         tx = self.optimizers[name]
         key = st.step_key(state.rng, state.step, phase_idx)
+        host = self.state_shardings.models[name]
+        if self.offload:  # this model's optimizer state and EMA onto the device for the update
+            ms = ms.replace(opt_state=jax.device_put(ms.opt_state, _with_kind(host.opt_state, "device")),
+                            ema=None if ms.ema is None else jax.device_put(ms.ema, _with_kind(host.ema, "device")))
 
         others = {}
         for u in phase.uses:
@@ -273,6 +300,9 @@ class Trainer:
             ema = st.ema_update(ema, params, state.step, self.ema_cfg[name])
         samples = jax.tree.leaves(batch)[0].shape[0] * (jax.tree.leaves(batch)[0].shape[1]
                                                         if self.accum_steps > 1 else 1)
+        if self.offload:  # ... and back to the host
+            opt_state = jax.device_put(opt_state, host.opt_state)
+            ema = None if ema is None else jax.device_put(ema, host.ema)
         models = dict(state.models)
         models[name] = st.ModelState(params=params, opt_state=opt_state, ema=ema)
         new = state.replace(models=models, data_pos=state.data_pos + samples)
