@@ -45,7 +45,7 @@ from flax import nnx
 
 import wanjax  # noqa: F401  (flax config)
 from wanjax import sampling
-from wanjax.models.dit import CrossKV, KVCache, WanDiT, remat, rope_tables, unpatchify
+from wanjax.models.dit import CrossKV, KVCache, WanDiT, remat, unpatchify
 from wanjax.models.unianimate import frame_slice
 
 F32 = jnp.float32
@@ -232,14 +232,8 @@ def exit_forward(dit: WanDiT, x: jax.Array, t: jax.Array, ckv: CrossKV, cache: K
     """
     cfg = dit.cfg
     backend = cfg.backend()
-    tok, grid = dit.embed_tokens(x, y, pose)
+    tok, grid, e, e0, cos, sin, slots, kv_len = dit.block_inputs(x, t, start_frame, y=y, pose=pose)
     nf = grid[0]
-    T = grid[1] * grid[2]
-    t = jnp.broadcast_to(jnp.asarray(t, F32).reshape(x.shape[0], -1), (x.shape[0], nf))
-    e, e0 = dit.time_embed(t)
-    cos, sin = rope_tables(cfg.head_dim, grid, start_frame)
-    slots, frames_valid = dit.frame_slots(start_frame, nf)
-    kv_len = jnp.full((x.shape[0],), frames_valid * T, jnp.int32)
     gdef, state = nnx.split(dit.blocks)
 
     def body(h, xs):

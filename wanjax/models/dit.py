@@ -460,6 +460,18 @@ class Head(nnx.Module):
         return h @ w + self.head.bias[...].astype(F32)
 
 
+class BlockInputs(NamedTuple):
+    """Per-block inputs of the cached layers (:meth:`WanDiT.block_inputs`)."""
+    tok: jax.Array        # [B, L, D] patch embeddings (+ pose tokens)
+    grid: tuple           # (frames, h, w) of the block's token grid
+    e: jax.Array          # time embedding (head modulation)
+    e0: jax.Array         # per-layer modulation input
+    cos: jax.Array        # RoPE tables at the block's absolute frames
+    sin: jax.Array
+    slots: jax.Array      # [nf] cache frame slots of the block
+    kv_len: jax.Array     # [B] valid key tokens (the prefix up to and including the block)
+
+
 class KVCache(NamedTuple):
     """Static-shape self-attention cache: k, v [num_layers, B, capacity_frames*T, H, Dh].
 
@@ -604,6 +616,20 @@ class WanDiT(nnx.Module):
         frames_valid = jnp.minimum(jnp.asarray(start_frame, jnp.int32) + num_frames, cap)
         return slots, frames_valid
 
+    def block_inputs(self, x, t, start_frame, *, y=None, pose=None) -> "BlockInputs":
+        """What every layer of a cached block pass needs (:meth:`forward_cached`, and the read-only
+        form ``wanjax.distill.dmd.exit_forward``): tokens, RoPE at the absolute frames, time
+        modulation, the block's cache slots and the valid key length."""
+        tok, grid = self.embed_tokens(x, y, pose)
+        nf = grid[0]
+        T = grid[1] * grid[2]
+        t = jnp.broadcast_to(jnp.asarray(t, F32).reshape(x.shape[0], -1), (x.shape[0], nf))
+        e, e0 = self.time_embed(t)
+        cos, sin = rope_tables(self.cfg.head_dim, grid, start_frame)
+        slots, frames_valid = self.frame_slots(start_frame, nf)
+        kv_len = jnp.full((x.shape[0],), frames_valid * T, jnp.int32)
+        return BlockInputs(tok, grid, e, e0, cos, sin, slots, kv_len)
+
     def forward_cached(self, x, t, ckv: CrossKV, cache: KVCache, start_frame, *, y=None, pose=None):
         """One block: x [B, nf, H, W, C], t [B, nf]; frames start at absolute ``start_frame`` (traced
         ok). Writes this block's K/V into ``cache`` (a re-call at the same start_frame overwrites
@@ -611,17 +637,12 @@ class WanDiT(nnx.Module):
         (flow [B, nf, H, W, out], new cache)."""
         cfg = self.cfg
         backend = cfg.backend()
-        tok, grid = self.embed_tokens(x, y, pose)
+        tok, grid, e, e0, cos, sin, slots, kv_len = self.block_inputs(x, t, start_frame, y=y, pose=pose)
         nf = grid[0]
         T = grid[1] * grid[2]
         if cache.k.shape[2] != self.cache_capacity() * T:
             raise ValueError(f"cache holds {cache.k.shape[2]} tokens, expected "
                              f"{self.cache_capacity()} frames x {T} tokens")
-        t = jnp.broadcast_to(jnp.asarray(t, F32).reshape(x.shape[0], -1), (x.shape[0], nf))
-        e, e0 = self.time_embed(t)
-        cos, sin = rope_tables(cfg.head_dim, grid, start_frame)
-        slots, frames_valid = self.frame_slots(start_frame, nf)
-        kv_len = jnp.full((x.shape[0],), frames_valid * T, jnp.int32)
         gdef, state = nnx.split(self.blocks)
 
         def body(carry, xs):
