@@ -41,8 +41,10 @@ def _op_category(name: str, text: str) -> str:
 
 def device_op_times(trace_dir: str, top: int = 30) -> dict:
     """Device time per XLA op in a ``jax.profiler.trace`` directory (the newest ``*.xplane.pb``):
-    ``{"total_ms", "by_category": {cat: ms}, "top": [[name, category, ms, count], ...]}``. Reads the
-    GPU planes' "XLA Ops" lines (one event per executed HLO op); None-safe on other backends."""
+    ``{"total_ms", "by_category": {cat: ms}, "top": [[name, category, ms, count], ...], "lines"}``.
+    Reads the device planes' "XLA Ops" lines (one event per executed HLO op), or, where a trace has
+    none (jax 0.11's GPU traces), the kernels on their "Stream" lines; empty without device planes
+    (the CPU). ``lines`` names the trace lines that were found."""
     import glob
     import os
     from collections import defaultdict

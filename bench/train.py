@@ -193,8 +193,9 @@ def run_stage(args) -> dict:
             "compile_and_first_s": t_first, "step_s": step, "steps_s": times,
             "peak_gib": (peak_bytes() or 0) / 2 ** 30, "model_tflop": flops / 1e12,
             "mfu": flops / step / (peak * n) if peak else None, "loss": loss,
-            "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy, "pose_time_chunk": args.pose_time_chunk, "offload": args.offload,
-            "pose_conv": args.pose_conv, "memory_gib": mem}
+            "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy,
+            "pose_conv": args.pose_conv, "pose_time_chunk": args.pose_time_chunk, "offload": args.offload,
+            "memory_gib": mem}
 
 
 def main(argv=None):

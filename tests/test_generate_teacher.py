@@ -24,6 +24,17 @@ class Killed(RuntimeError):
     pass
 
 
+def teacher_inputs(root: Path) -> tuple[Path, Path]:
+    """A tiny random teacher checkpoint ``root/ckpt`` and a data folder ``root/data`` holding two
+    reference images, ``ref.png`` and its upside-down ``ref2.png``."""
+    ckpt = make_tiny_ckpt(root / "ckpt", teacher=True)
+    data = root / "data"
+    data.mkdir()
+    Image.fromarray(ref_image()).save(data / "ref.png")
+    Image.fromarray(ref_image()[::-1].copy()).save(data / "ref2.png")
+    return ckpt, data
+
+
 def _frames_dir(d: Path, frames: np.ndarray, ref_pose: np.ndarray | None = None) -> str:
     d.mkdir()
     for i, f in enumerate(frames):
@@ -42,11 +53,7 @@ def world(tmp_path_factory):
     from wanjax.videoio import VideoWriter
 
     root = tmp_path_factory.mktemp("gen")
-    ckpt = make_tiny_ckpt(root / "ckpt", teacher=True)
-    data = root / "data"
-    data.mkdir()
-    Image.fromarray(ref_image()).save(data / "ref.png")
-    Image.fromarray(ref_image()[::-1].copy()).save(data / "ref2.png")
+    ckpt, data = teacher_inputs(root)
     with VideoWriter(data / "p2.mp4", fps=8) as vw:
         vw.append(pose_frames(NUM_FRAMES, seed=2))
     t = np.linspace(0, 1, 10, dtype=np.float32)[:, None]

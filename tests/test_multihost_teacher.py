@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.test_multihost import _env, _free_port
-from tests.test_pipeline import make_tiny_ckpt, pose_frames, ref_image
+from tests.test_generate_teacher import _frames_dir, teacher_inputs
+from tests.test_pipeline import pose_frames
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_FRAMES = 9
@@ -34,19 +34,10 @@ TIMEOUT = 240  # seconds per launch; a hang is reported with every process's sta
 def world(tmp_path_factory):
     """Tiny teacher + a 5-row manifest (groups of 2 rows: [s0 s1] [s2 s3] [s4]) and its first 2 rows."""
     root = tmp_path_factory.mktemp("mh_teacher")
-    ckpt = make_tiny_ckpt(root / "ckpt", teacher=True)
-    data = root / "data"
-    data.mkdir()
-    Image.fromarray(ref_image()).save(data / "ref.png")
-    Image.fromarray(ref_image()[::-1].copy()).save(data / "ref2.png")
-    rows = []
-    for i in range(5):
-        d = data / f"p{i}"
-        d.mkdir()
-        for j, f in enumerate(pose_frames(NUM_FRAMES, seed=i)):
-            Image.fromarray(f).save(d / f"{j:03d}.png")
-        rows.append({"id": f"s{i}", "ref": "ref.png" if i % 2 == 0 else "ref2.png", "pose": f"p{i}",
-                     "prompt": "dance"})
+    ckpt, data = teacher_inputs(root)
+    rows = [{"id": f"s{i}", "ref": "ref.png" if i % 2 == 0 else "ref2.png",
+             "pose": _frames_dir(data / f"p{i}", pose_frames(NUM_FRAMES, seed=i)), "prompt": "dance"}
+            for i in range(5)]
     lines = [json.dumps(r) + "\n" for r in rows]
     (data / "m.jsonl").write_text("".join(lines))
     (data / "m2.jsonl").write_text("".join(lines[:2]))

@@ -6,9 +6,10 @@
 NAME: teacher_14b or tiny (configs/teacher.py). Every host of a multi-host job runs the same command
 (``jax.distributed.initialize`` runs first: ``--distributed``, or ``--config.distributed.*`` as in
 ``train.distill``, e.g. ``coordinator_address``, ``num_processes``, ``process_id`` on plain machines);
-each takes its share of the manifest and works on its own devices. The run is resumable: rerun the same command after a kill and finished shards are
-skipped. Output format: wanjax/data/targets.py; generation: wanjax/distill/targets.py. Progress
-(samples/hour) and logs go to stderr; an error prints one ``error: ...`` line and exits with 2.
+each takes its share of the manifest and works on its own devices. The run is resumable: rerun the
+same command after a kill and finished shards are skipped. Output format: wanjax/data/targets.py;
+generation: wanjax/distill/targets.py. Progress (samples/hour) and logs go to stderr; an error prints
+one ``error: ...`` line and exits with 2.
 """
 from __future__ import annotations
 
