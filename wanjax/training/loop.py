@@ -146,9 +146,9 @@ class Trainer:
       seed: base of the run's RNG.
       offload: keep every model's optimizer state and EMA in pinned host memory (JAX memory kind
         ``pinned_host``, sharded as on the device). A phase moves only its own model's optimizer
-        state and EMA to the device for the update and back afterwards; the other models' pass
-        through on the host. Device memory then holds the parameters (and the step's temporaries)
-        only, at the price of those transfers. Same numbers as without.
+        state and EMA to the device for the update, once the gradients exist, and back afterwards;
+        the other models' pass through on the host. Device memory then holds the parameters (and the
+        step's temporaries) only, at the price of those transfers. Same numbers as without.
     """
 
     def __init__(self, models: Mapping[str, nnx.Module], optimizers: Mapping[str, optax.GradientTransformation],
@@ -256,10 +256,6 @@ class Trainer:
         tx = self.optimizers[name]
         key = st.step_key(state.rng, state.step, phase_idx)
         host = self.state_shardings.models[name]
-        if self.offload:  # this model's optimizer state and EMA onto the device for the update
-            ms = ms.replace(opt_state=jax.device_put(ms.opt_state, _with_kind(host.opt_state, "device")),
-                            ema=None if ms.ema is None else jax.device_put(ms.ema, _with_kind(host.ema, "device")))
-
         others = {}
         for u in phase.uses:
             if u in self.defs:
@@ -291,6 +287,12 @@ class Trainer:
             grads = jax.tree.map(lambda g: g / n, grads)
             loss = loss / n
             aux = jax.tree.map(lambda a: a / n, aux)
+        if self.offload:  # this model's optimizer state and EMA onto the device for the update, only
+            # once the gradients exist: the barrier keeps XLA from prefetching them into the
+            # forward/backward pass, where they would sit next to its activations at the peak
+            grads, opt_in, ema_in = jax.lax.optimization_barrier((grads, ms.opt_state, ms.ema))
+            ms = ms.replace(opt_state=jax.device_put(opt_in, _with_kind(host.opt_state, "device")),
+                            ema=None if ema_in is None else jax.device_put(ema_in, _with_kind(host.ema, "device")))
         gnorm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, ms.opt_state, ms.params)
         params = optax.apply_updates(ms.params, updates)
