@@ -16,11 +16,13 @@ model TFLOP per step, MFU.
 ``--remat_policy`` (default ``attention``, as configs/distill.py) picks what a rematerialised block
 keeps (``wanjax.models.dit.REMAT_POLICIES``); ``--pose_conv`` the pose stack's 3-D conv form;
 ``--pose_time_chunk`` (default 0 = whole video, as configs/distill.py) the latent frames per pass of
-the pose stacks; ``--offload`` keeps optimizer state and EMA in pinned host memory (``Trainer(offload=True)``).
+the pose stacks; ``--offload`` keeps optimizer state and EMA in pinned host memory (``Trainer(offload=True)``);
+``--pose_trunk frozen`` keeps the pose stack's trunk out of the gradient (configs/distill.py
+``pose_trunk_trainable=False``; its FLOPs then count once, forward only).
 
 MFU = model FLOPs of the step / (step time x devices x peak bf16 FLOP/s per device). Model FLOPs
-(``wanjax.training.dit_forward_flops`` + ``pose_encoder_flops``; matmuls and convolutions, 2 per
-multiply-add, remat not counted):
+(``wanjax.training.dit_forward_flops`` + ``pose_encoder_flops`` / ``pose_train_flops``; matmuls and
+convolutions, 2 per multiply-add, remat not counted):
 
 * ODE:       3 x (block-causal student forward over 21 frames + pose encoders).
 * generator: the no-grad rollout (per block E[exit] + 2 = 3.5 cached forwards of 3 frames against
@@ -66,7 +68,8 @@ def _models(args, mesh):
         pc = pc.replace(dit=pc.dit.replace(dtype=dtype, param_dtype=param_dtype, attention=args.attention,
                                            remat=remat, remat_policy=args.remat_policy,
                                            max_frames=max(args.frames, pc.dit.max_frames)),
-                        pose=dataclasses.replace(pc.pose, remat=remat, time_chunk=args.pose_time_chunk or None))
+                        pose=dataclasses.replace(pc.pose, remat=remat, time_chunk=args.pose_time_chunk or None,
+                                                 train_trunk=args.pose_trunk == "trained"))
         abstract = nnx.eval_shape(lambda: ua.PoseDiT(pc, rngs=nnx.Rngs(seed)))
         gd, state = nnx.split(abstract)
         sh = shd.state_shardings(state, mesh)
@@ -116,7 +119,8 @@ def _batch(args, n: int, dcfg) -> dict:
 def run_stage(args) -> dict:
     """One stage in this process: build, compile, time. Returns the row as a dict."""
     from wanjax.distill import objectives, ode
-    from wanjax.training import EMAConfig, Phase, Trainer, dit_forward_flops, make_optimizer, pose_encoder_flops
+    from wanjax.training import EMAConfig, Phase, Trainer, dit_forward_flops, make_optimizer, pose_train_flops
+    from wanjax.models.pose import is_trunk_param
     from wanjax.training.loop import peak_flops_per_device
 
     mesh = shd.make_mesh(data=1, fsdp=-1)
@@ -125,13 +129,14 @@ def run_stage(args) -> dict:
     student, critic, teacher = _models(args, mesh)
     batch = _batch(args, n, student.cfg.dit)
     sample = {k: v[0] for k, v in batch.items()}
+    frozen = is_trunk_param if args.pose_trunk == "frozen" else None
     if args.stage == "ode":
         F, T = args.frames, (args.height // 16) * (args.width // 16)
-        fwd = dit_forward_flops(student.cfg.dit, F, T, frames_per_block=student.cfg.dit.num_frame_per_block,
-                                image_tokens=257) + pose_encoder_flops(student.cfg.pose, 4 * (F - 1) + 1,
-                                                                       args.height, args.width)
-        phases = [Phase("ode", "student", lambda m, b, k: ode.ode_loss(m, b, k), flops_per_sample=3 * fwd)]
-        trainer = Trainer({"student": student}, {"student": make_optimizer(2e-5)}, phases, mesh,
+        flops = 3 * dit_forward_flops(student.cfg.dit, F, T, frames_per_block=student.cfg.dit.num_frame_per_block,
+                                      image_tokens=257) + pose_train_flops(student.cfg.pose, 4 * (F - 1) + 1,
+                                                                           args.height, args.width)
+        phases = [Phase("ode", "student", lambda m, b, k: ode.ode_loss(m, b, k), flops_per_sample=flops)]
+        trainer = Trainer({"student": student}, {"student": make_optimizer(2e-5, frozen=frozen)}, phases, mesh,
                           ema={"student": EMAConfig(0.99, 0)}, offload=args.offload)
         phase = "ode"
     else:
@@ -140,7 +145,7 @@ def run_stage(args) -> dict:
                         context_sigma=0.0, last_step_only=False, gen_update_ratio=1),
                  ode=ns(pose_drop=0.05, image_drop=0.10))
         phases = objectives.dmd_phases(cfg, student, teacher, critic, sample)
-        opt = lambda lr: make_optimizer(lr, b1=0.0, b2=0.999, mu_dtype=args.dmd_mu_dtype or None)
+        opt = lambda lr: make_optimizer(lr, b1=0.0, b2=0.999, mu_dtype=args.dmd_mu_dtype or None, frozen=frozen)
         trainer = Trainer({"student": student, "critic": critic}, {"student": opt(2e-6), "critic": opt(4e-7)},
                           phases, mesh, frozen={"teacher": teacher}, ema={"student": EMAConfig(0.99, 0)},
                           offload=args.offload)
@@ -183,7 +188,7 @@ def run_stage(args) -> dict:
         with jax.profiler.trace(d):
             state, m = step(state)
             jax.block_until_ready(state)
-        prof = device_op_times(d)
+        prof = device_op_times(d, top=args.profile_top)
         print("PROFILE " + json.dumps(prof), flush=True)
     flops = next(p for p in trainer.phases if p.name == phase).flops_per_sample * n
     step = float(np.median(times))
@@ -195,6 +200,7 @@ def run_stage(args) -> dict:
             "mfu": flops / step / (peak * n) if peak else None, "loss": loss,
             "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy,
             "pose_conv": args.pose_conv, "pose_time_chunk": args.pose_time_chunk, "offload": args.offload,
+            "pose_trunk": args.pose_trunk,
             "memory_gib": mem}
 
 
@@ -216,6 +222,8 @@ def main(argv=None):
                     help="comma-separated wanjax.models.dit.REMAT_POLICIES to compare (one row each)")
     ap.add_argument("--pose_conv", default="3d",
                     help="comma-separated pose-stack conv implementations (3d, fold, auto) to compare")
+    ap.add_argument("--pose_trunk", choices=("trained", "frozen"), default="trained",
+                    help="frozen: the pose stack's trunk gets no gradient (configs/distill.py pose_trunk_trainable)")
     ap.add_argument("--pose_time_chunk", type=int, default=0,
                     help="latent frames per pass of the pose stacks (configs/distill.py pose_time_chunk; 0: whole)")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages (without --only)")
@@ -223,6 +231,7 @@ def main(argv=None):
     ap.add_argument("--offload", action="store_true",
                     help="optimizer state + EMA in pinned host memory (configs/distill.py offload_state)")
     ap.add_argument("--profile", default="", help="trace one extra step into DIR and report device time per op")
+    ap.add_argument("--profile_top", type=int, default=30, help="how many of the longest ops --profile lists")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.only:
@@ -280,10 +289,11 @@ def main(argv=None):
             sys.stderr.write(f"    {name[:60]:<60} {cat:<30} {ms:8.1f} ms  x{count}\n")
     if rows and "device" in rows[0]:
         print(f"device: {rows[0]['device']}, {args.frames} latent frames, {args.height}x{args.width}, "
-              f"pose time chunk {args.pose_time_chunk or 'off'}, offload {'on' if args.offload else 'off'}")
+              f"pose time chunk {args.pose_time_chunk or 'off'}, offload {'on' if args.offload else 'off'}, "
+              f"pose trunk {args.pose_trunk}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"rows": rows, "profiles": dict(profiles)} if profiles else rows, f, indent=2)
     return 0
 
 

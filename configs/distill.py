@@ -45,15 +45,21 @@ def _base() -> ml_collections.ConfigDict:
     c.pose_time_chunk = 0             # latent frames per pass of the pose stacks (0: whole video in one pass).
                                       # Exact. Measured on an H100 (21 frames, 480x832) at 3: ODE step 2.02 ->
                                       # 2.52 s and the DMD generator's temporaries 32.6 -> 40.0 GiB, so off
+    c.pose_trunk_trainable = True     # False: the pose stack's trunk (dwpose_embedding.0-10, ~36 K params, e.g. from
+                                      # UniAnimate's release) stays frozen; only its head, pose_proj and the DiT train.
+                                      # Skips the full-resolution backward convs: see docs/PERFORMANCE.md
     c.offload_state = False           # optimizer state + EMA in pinned host memory; a phase moves only its own model's
                                       # to the device for its update (Trainer(offload=True)). Meant for the DMD steps,
-                                      # whose other model's Adam state / EMA otherwise sit unused on the device
+                                      # whose other model's Adam state / EMA otherwise sit unused on the device. Set it
+                                      # on 1 GPU (1.3B stand-in teacher) and 2 GPUs (14B teacher): both fit an H100 only
+                                      # with it (docs/PERFORMANCE.md, session 5), at +3-9% step time
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = distributed_config()  # initialize auto | yes | no, coordinator_address, num_processes, process_id
     c.data = ml_collections.ConfigDict(dict(dir="", seed=0, on_error="stop", prefetch=2, verify=True,
                                             negative_embeds_path=""))
     c.student = ml_collections.ConfigDict(dict(preset="student_1_3b_pose", init="", num_frame_per_block=3,
-                                               max_frames=21))
+                                               max_frames=21, pose_init=""))  # pose_init: a UniAnimate pose
+    # checkpoint (e.g. the converted teacher's root) whose pose stacks the student starts from (pose_proj stays 0)
     c.teacher = ml_collections.ConfigDict(dict(preset="teacher_14b", ckpt_dir="", dtype="bfloat16"))
     c.critic = ml_collections.ConfigDict(dict(preset=""))   # "": the student's preset and initial weights
     c.optim = ml_collections.ConfigDict(dict(lr=2e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,

@@ -259,3 +259,62 @@ def test_config_time_chunk_is_exact_for_values_and_gradients(chunk):
     with pytest.raises(ValueError, match="time_chunk"):
         chunked.pose_features(x, time_chunk=-1)
 
+
+
+def test_frozen_trunk_same_values_no_trunk_gradient_and_optimizer_keeps_it():
+    """``PoseConfig(train_trunk=False)``: the same pose tokens; under ``grad`` the trunk
+    (dwpose_embedding.0-10) gets an exactly-zero gradient while the head, ``pose_proj`` and the
+    reference stack get the trainable model's gradients (float32, TOL: the frozen path skips the
+    remat, same arithmetic). ``make_optimizer(frozen=is_trunk_param)`` then leaves the trunk
+    untouched (weight decay included) and updates the rest exactly as plain AdamW. The training
+    FLOPs count the frozen trunk once (forward only)."""
+    import optax
+
+    from wanjax.models.pose import is_trunk_param
+    from wanjax.training import make_optimizer, param_path, pose_encoder_flops, pose_train_flops
+
+    cfg = PoseConfig(hidden=4, out_dim=6, proj_dim=5, zero_init_proj=False, remat=True)
+    trained = PoseConditioner(cfg, rngs=nnx.Rngs(0))
+    frozen = PoseConditioner(dataclasses.replace(cfg, train_trunk=False), rngs=nnx.Rngs(0))
+    x = jnp.asarray(_rand((1, 8, 16, 16, 3), seed=7))
+    ref = jnp.asarray(_rand((1, 16, 16, 3), seed=8))
+    w = jnp.asarray(_rand((1, 2, 1, 1, 5), seed=9))
+    wr = jnp.asarray(_rand((1, 2, 2, 20), seed=10))
+
+    def loss(m):
+        return jnp.sum(m.pose_features(x) * w) + jnp.sum(m.ref_pose_features(ref) * wr)
+
+    lt, gt = nnx.value_and_grad(loss)(trained)
+    lf, gf = nnx.value_and_grad(loss)(frozen)
+    assert abs(float(lt - lf)) <= TOL * max(1.0, abs(float(lt)))
+    flat = lambda t: {param_path(p).removesuffix("/value"): np.asarray(v)  # noqa: E731
+                      for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(t, nnx.Param))}
+    ft, ff = flat(gt), flat(gf)
+    trunk = sorted(k for k in ff if is_trunk_param(k))
+    assert trunk == sorted(f"dwpose_embedding/{i}/{n}" for i in range(0, 12, 2) for n in ("kernel", "bias"))
+    for k, g in ff.items():
+        if k in trunk:
+            assert not np.any(g), k
+            assert np.any(ft[k]), k  # the trainable trunk does get a gradient
+        else:
+            assert _max_err(g, ft[k]) <= TOL * max(1.0, float(np.abs(ft[k]).max())), k
+
+    params = nnx.state(frozen, nnx.Param)
+    grads = nnx.state(gt, nnx.Param)  # non-zero everywhere, so a missing freeze would show
+    tx_frozen = make_optimizer(1e-2, weight_decay=0.1, frozen=is_trunk_param)
+    tx_plain = make_optimizer(1e-2, weight_decay=0.1)
+    new_f = optax.apply_updates(params, tx_frozen.update(grads, tx_frozen.init(params), params)[0])
+    new_p = optax.apply_updates(params, tx_plain.update(grads, tx_plain.init(params), params)[0])
+    p0, nf, npl = flat(params), flat(new_f), flat(new_p)
+    for k in p0:
+        if k in trunk:
+            np.testing.assert_array_equal(nf[k], p0[k], err_msg=k)
+        else:
+            np.testing.assert_array_equal(nf[k], npl[k], err_msg=k)
+            assert not np.array_equal(nf[k], p0[k]), k
+
+    full = pose_encoder_flops(cfg, 81, 480, 832)
+    trunk_f = pose_encoder_flops(cfg, 81, 480, 832, trunk_only=True)
+    assert 0 < trunk_f < full
+    assert pose_train_flops(cfg, 81, 480, 832) == 3 * full
+    assert pose_train_flops(frozen.cfg, 81, 480, 832) == 3 * (full - trunk_f) + trunk_f

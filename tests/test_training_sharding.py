@@ -15,7 +15,8 @@ from wanjax import sharding as shd
 from wanjax.distill import objectives
 from wanjax.nn import Linear
 from wanjax.training import BatchIterator, EMAConfig, LoopConfig, Phase, Trainer, export_inference, make_optimizer
-from wanjax.training import phase_batches, train
+from wanjax.training import param_path as loop_param_path, phase_batches, train
+from wanjax.models.pose import is_trunk_param
 from wanjax.training import state as st
 from tests.test_distill_ode import make_inputs, make_teacher, tiny_cfg
 from tests.test_training_ckpt import random_targets
@@ -156,7 +157,9 @@ def test_dmd_steps_run_on_the_sharded_mesh(tmp_path, offload):
     """Two DMD iterations on data=2 x fsdp=4: iteration 0 updates generator then critic, iteration 1
     the critic only (dfake_gen_update_ratio 5); every loss is finite; the exit step is the one drawn
     from the replicated run key (so every replica agrees); the student's EMA moves only with it. Also
-    with ``offload_state`` (optimizer state and EMA in pinned host memory), as train.distill runs it."""
+    with ``offload_state`` (optimizer state and EMA in pinned host memory), as train.distill runs it,
+    together with ``pose_trunk_trainable=False``: the pose trunks of student and critic stay at their
+    initial values (bit for bit, weight decay included) while other parameters update."""
     teacher_root = tmp_path / "teacher"
     export_inference(make_teacher(0), teacher_root)       # also exercises the teacher loader
     neg = tmp_path / "neg.npz"
@@ -164,7 +167,9 @@ def test_dmd_steps_run_on_the_sharded_mesh(tmp_path, offload):
     cfg = tiny_cfg(tmp_path / "run", **{"objective": "dmd", "total_steps": 2, "batch_size": 2, "log_every": 1,
                                         "ckpt_every": 0, "teacher.ckpt_dir": str(teacher_root),
                                         "data.negative_embeds_path": str(neg), "mesh.data": 2, "mesh.fsdp": 4,
-                                        "export.enabled": False, "offload_state": offload})
+                                        "export.enabled": False, "offload_state": offload,
+                                        "pose_trunk_trainable": not offload,
+                                        "student.pose_init": str(teacher_root) if offload else ""})
     assert cfg.dmd.gen_update_ratio == 5 and cfg.dmd.b1 == 0.0 and cfg.dmd.b2 == 0.999
     assert (cfg.dmd.lr_generator, cfg.dmd.lr_critic) == (2e-6, 4e-7)
     res = objectives.run(cfg, dataset=make_inputs(4))
@@ -185,3 +190,17 @@ def test_dmd_steps_run_on_the_sharded_mesh(tmp_path, offload):
     for n in ("student", "critic"):
         assert {a.sharding.memory_kind for a in jax.tree.leaves(res.state.models[n].opt_state)} == {want}, n
     assert {a.sharding.memory_kind for a in jax.tree.leaves(res.state.models["student"].ema)} == {want}
+    if offload:  # the trunk came from the teacher's pose/ and stayed frozen in both models, which did update
+        flat = lambda tree, pre="": {pre + loop_param_path(p).removesuffix("/value"): np.asarray(v)  # noqa: E731
+                                     for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
+        teacher = flat(nnx.state(make_teacher(0).pose, nnx.Param), "pose/")
+        start = flat(nnx.state(objectives.build_student(cfg), nnx.Param))
+        trunk = sorted(k for k in teacher if is_trunk_param(k))
+        assert len(trunk) == 12, trunk  # dwpose_embedding.{0,2,...,10} kernel + bias
+        for n in ("student", "critic"):
+            end = flat(res.state.models[n].params)
+            for k in trunk:
+                np.testing.assert_array_equal(end[k], teacher[k], err_msg=f"{n}: {k}")
+            assert any(not np.array_equal(v, start[k]) for k, v in end.items()), n  # (the updates did happen)
+        with pytest.raises(objectives.DistillError, match="student.pose_init"):
+            objectives.init_pose(res.trainer.model(res.state, "student"), str(tmp_path / "missing"))

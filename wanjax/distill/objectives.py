@@ -14,7 +14,10 @@ Models (PoseDiT = ``wanjax.models.unianimate.PoseDiT``):
 * student: preset ``student.preset``; ``student.init`` is "" (random init, tests), an inference
   checkpoint root with ``dit/`` + ``pose/`` (e.g. the exported ODE student) or a plain Wan DiT
   checkpoint (``config.json`` model "dit", e.g. converted Wan2.1-T2V-1.3B), which is widened with
-  :func:`~wanjax.models.unianimate.init_student_from_backbone`.
+  :func:`~wanjax.models.unianimate.init_student_from_backbone`. ``student.pose_init`` (optional) then
+  copies UniAnimate's pose stacks (e.g. from the teacher root's ``pose/``) into the student's
+  (:func:`~wanjax.models.unianimate.init_student_pose`); with ``pose_trunk_trainable=False`` the
+  trunk stays at those weights and gets no gradient (a faster step, see docs/PERFORMANCE.md).
 * teacher (dmd): preset ``teacher.preset`` loaded from ``teacher.ckpt_dir`` (``dit/`` + ``pose/``);
   frozen, computes in ``teacher.dtype``.
 * critic (dmd): a PoseDiT of ``critic.preset`` (default: the student's) starting from the student's
@@ -41,7 +44,7 @@ from wanjax import sharding as shd
 from wanjax.distill import dmd, ode
 from wanjax.models import unianimate as ua
 from wanjax.models.dit import WanDiTConfig
-from wanjax.models.pose import PoseConfig
+from wanjax.models.pose import PoseConfig, is_trunk_param
 from wanjax.training import ckpt as ckpt_lib
 from wanjax.training import loop as loop_lib
 from wanjax.training import state as st
@@ -65,10 +68,12 @@ def _preset(name: str, flag: str) -> ua.PoseDiTConfig:
 
 
 def _with_numerics(pcfg: ua.PoseDiTConfig, *, dtype: str, param_dtype: str, attention: str, remat: bool,
-                   remat_policy: str = "full", pose_time_chunk: int | None = None, **dit_over) -> ua.PoseDiTConfig:
+                   remat_policy: str = "full", pose_time_chunk: int | None = None, train_pose_trunk: bool = True,
+                   **dit_over) -> ua.PoseDiTConfig:
     dit = pcfg.dit.replace(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
                            remat_policy=remat_policy, **dit_over)
-    return pcfg.replace(dit=dit, pose=dataclasses.replace(pcfg.pose, remat=remat, time_chunk=pose_time_chunk or None))
+    return pcfg.replace(dit=dit, pose=dataclasses.replace(pcfg.pose, remat=remat, time_chunk=pose_time_chunk or None,
+                                                          train_trunk=train_pose_trunk))
 
 
 def student_config(cfg) -> ua.PoseDiTConfig:
@@ -76,7 +81,7 @@ def student_config(cfg) -> ua.PoseDiTConfig:
     return _with_numerics(_preset(s.preset, "student.preset"), dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype,
                           attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"),
                           pose_time_chunk=cfg.get("pose_time_chunk", 0), num_frame_per_block=s.num_frame_per_block,
-                          max_frames=s.max_frames)
+                          max_frames=s.max_frames, train_pose_trunk=cfg.get("pose_trunk_trainable", True))
 
 
 def _check_dir(path: str, flag: str) -> Path:
@@ -105,7 +110,8 @@ def load_pose_dit(root: str | Path, pcfg: ua.PoseDiTConfig, *, flag: str, mesh=N
         raise DistillError(f"--config.{flag}={root}: the DiT checkpoint does not match its preset (" + "; ".join(bad)
                            + ")")
     pose_src = PoseConfig.from_dict(read_config(root / "pose"))
-    pcfg = pcfg.replace(pose=dataclasses.replace(pose_src, remat=pcfg.pose.remat, time_chunk=pcfg.pose.time_chunk))
+    pcfg = pcfg.replace(pose=dataclasses.replace(pose_src, remat=pcfg.pose.remat, time_chunk=pcfg.pose.time_chunk,
+                                                 train_trunk=pcfg.pose.train_trunk))
     model = nnx.eval_shape(lambda: ua.PoseDiT(pcfg, rngs=nnx.Rngs(0)))
     restore_params(model.dit, root / "dit", mesh, dtype=dtype)
     restore_params(model.pose, root / "pose", mesh, dtype=jnp.float32)
@@ -113,7 +119,36 @@ def load_pose_dit(root: str | Path, pcfg: ua.PoseDiTConfig, *, flag: str, mesh=N
 
 
 def build_student(cfg, mesh=None) -> ua.PoseDiT:
-    """The student PoseDiT from ``student.preset`` and ``student.init`` (see the module docstring)."""
+    """The student PoseDiT from ``student.preset``, ``student.init`` and ``student.pose_init`` (see
+    the module docstring)."""
+    student = _build_student(cfg, mesh)
+    if cfg.student.get("pose_init", ""):
+        init_pose(student, cfg.student.pose_init, mesh=mesh)
+    return student
+
+
+def init_pose(student: ua.PoseDiT, path: str, *, mesh=None, flag: str = "student.pose_init") -> list[str]:
+    """``--config.student.pose_init=ROOT``: the pose stacks from a converted UniAnimate pose
+    checkpoint (ROOT/pose/ of an inference root such as the teacher's, or a pose checkpoint
+    directory itself), copied by ``ua.init_student_pose``."""
+    from wanjax.checkpoint import read_config, restore_params
+    from wanjax.models.pose import PoseConditioner
+
+    root = _check_dir(path, flag)
+    pdir = root / "pose" if (root / "pose" / "config.json").is_file() else root
+    if not (pdir / "config.json").is_file():
+        raise DistillError(f"--config.{flag}={path}: expected a pose checkpoint ({root}/pose/config.json or "
+                           f"{root}/config.json), e.g. the converted teacher's root")
+    src_cfg = PoseConfig.from_dict(read_config(pdir))
+    src = nnx.eval_shape(lambda: PoseConditioner(src_cfg, rngs=nnx.Rngs(0)))
+    restore_params(src, pdir, mesh, dtype=jnp.float32)
+    try:
+        return ua.init_student_pose(student, nnx.state(src, nnx.Param))
+    except ValueError as e:
+        raise DistillError(f"--config.{flag}={path}: {e}") from None
+
+
+def _build_student(cfg, mesh=None) -> ua.PoseDiT:
     from wanjax.checkpoint import load_model, read_config
     from wanjax.models.dit import WanDiT
 
@@ -153,7 +188,8 @@ def build_critic(cfg, student: ua.PoseDiT) -> ua.PoseDiT:
     name = cfg.critic.preset or cfg.student.preset
     pcfg = _with_numerics(_preset(name, "critic.preset"), dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype,
                           attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"),
-                          pose_time_chunk=cfg.get("pose_time_chunk", 0))
+                          pose_time_chunk=cfg.get("pose_time_chunk", 0),
+                          train_pose_trunk=cfg.get("pose_trunk_trainable", True))
     critic = ua.PoseDiT(pcfg.replace(pose=student.cfg.pose) if name == cfg.student.preset else pcfg,
                         rngs=nnx.Rngs(cfg.seed + 1))
     if name == cfg.student.preset:
@@ -232,13 +268,13 @@ def ode_phases(cfg, student: ua.PoseDiT, sample: Mapping[str, np.ndarray]) -> li
     F_, T, pix, H, W = _sample_geometry(sample)
     scfg = student.cfg
     img = sample["clip_fea"].shape[0] if scfg.dit.i2v and "clip_fea" in sample else 0
-    fwd = (loop_lib.dit_forward_flops(scfg.dit, F_, T, frames_per_block=scfg.dit.num_frame_per_block,
-                                      image_tokens=img) + loop_lib.pose_encoder_flops(scfg.pose, pix, H, W))
+    train_flops = 3 * loop_lib.dit_forward_flops(scfg.dit, F_, T, frames_per_block=scfg.dit.num_frame_per_block,
+                                                 image_tokens=img) + loop_lib.pose_train_flops(scfg.pose, pix, H, W)
 
     def loss(model, batch, key):
         return ode.ode_loss(model, batch, key, cfg=ocfg)
 
-    return [loop_lib.Phase("ode", "student", loss, flops_per_sample=3 * fwd, tokens_per_sample=F_ * T)]
+    return [loop_lib.Phase("ode", "student", loss, flops_per_sample=train_flops, tokens_per_sample=F_ * T)]
 
 
 def dmd_config(cfg, student: ua.PoseDiT) -> dmd.DMDConfig:
@@ -272,8 +308,11 @@ def dmd_phases(cfg, student: ua.PoseDiT, teacher: ua.PoseDiT, critic: ua.PoseDiT
     cfg_passes = 1 if dcfg.guidance_scale == 0 else 2
     # generator: rollout, the exit forwards again with gradient (forward + backward = 3x), the student's
     # pose encoders with gradient, critic and teacher (both CFG branches) forwards
-    gen_flops = rollout + 3 * (blocks + pose_s) + fwd(critic) + cfg_passes * fwd(teacher)
-    critic_flops = rollout + pose_s + 3 * fwd(critic)
+    train_critic = (3 * loop_lib.dit_forward_flops(critic.cfg.dit, F_, T, image_tokens=img)
+                    + loop_lib.pose_train_flops(critic.cfg.pose, pix, H, W))
+    gen_flops = (rollout + 3 * blocks + loop_lib.pose_train_flops(student.cfg.pose, pix, H, W) + fwd(critic)
+                 + cfg_passes * fwd(teacher))
+    critic_flops = rollout + pose_s + train_critic
 
     def split(key):
         k_drop, k_loss = jax.random.split(key)
@@ -380,13 +419,15 @@ def build(cfg, dataset=None, mesh=None):
     text_len = student.cfg.dit.text_len
     ema_cfg = st.EMAConfig(cfg.ema.decay, cfg.ema.start_step) if cfg.ema.decay > 0 else None
     o = cfg.optim
+    # pose_trunk_trainable=False: the pose stack's trunk stays as initialised (no gradient, no update)
+    frozen = None if cfg.get("pose_trunk_trainable", True) else is_trunk_param
     if cfg.objective == "ode":
         phases = ode_phases(cfg, student, first)
         trainer = loop_lib.Trainer(
             {"student": student},
             {"student": loop_lib.make_optimizer(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                                                 max_grad_norm=o.max_grad_norm, warmup_steps=o.warmup_steps,
-                                                mu_dtype=o.mu_dtype or None)},
+                                                mu_dtype=o.mu_dtype or None, frozen=frozen)},
             phases, mesh, ema={"student": ema_cfg} if ema_cfg else None, master_dtype=jnp.dtype(cfg.master_dtype),
             accum_steps=cfg.accum_steps, seed=cfg.seed, offload=cfg.get("offload_state", False))
     else:
@@ -395,7 +436,7 @@ def build(cfg, dataset=None, mesh=None):
         d = cfg.dmd
         opt = lambda lr: loop_lib.make_optimizer(lr, b1=d.b1, b2=d.b2, eps=o.eps, weight_decay=o.weight_decay,
                                                  max_grad_norm=o.max_grad_norm, warmup_steps=o.warmup_steps,
-                                                 mu_dtype=o.mu_dtype or None)
+                                                 mu_dtype=o.mu_dtype or None, frozen=frozen)
         phases = dmd_phases(cfg, student, teacher, critic, first)
         trainer = loop_lib.Trainer(
             {"student": student, "critic": critic}, {"student": opt(d.lr_generator), "critic": opt(d.lr_critic)},

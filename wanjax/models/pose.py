@@ -69,6 +69,13 @@ class PoseConfig:
     ``hidden = concat_dim * 4 = 16``; ``out_dim`` is the DiT width the 3D stack maps to (5120 for the
     14B teacher); ``ref_dim = 20`` is the I2V ``y`` width; ``proj_dim`` (e.g. 1536 for the 1.3B student)
     adds ``pose_proj``; ``zero_init_proj`` zero-initialises it so that the student starts unchanged.
+    ``train_trunk=False`` keeps the 3D stack's trunk (the six 16-channel convs before the head,
+    ``dwpose_embedding.{0..10}``, ~36 K parameters initialised from UniAnimate's, spec 12.2 item 1)
+    out of differentiation: no gradient flows into or through it, so under ``jax.grad`` it runs
+    forward once, with no remat and no backward convolutions (on an H100 those full-resolution,
+    16-channel float32 convolutions cost ~13% of the student's ODE step for 0.3% of its FLOPs).
+    Pair it with an optimizer that freezes :func:`is_trunk_param` parameters (weight decay would
+    otherwise still move them); the head and ``pose_proj`` stay trainable.
     ``remat`` rematerialises the full-resolution layers under differentiation. ``time_chunk``: latent
     frames per pass of the 3-D stack when :meth:`PoseConditioner.pose_features` is not given one
     (None: the whole video in one pass). Exact (a halo of 2 latent frames each side). It is meant to
@@ -85,6 +92,7 @@ class PoseConfig:
     zero_init_proj: bool = True
     remat: bool = True
     time_chunk: int | None = None
+    train_trunk: bool = True
 
     @property
     def token_dim(self) -> int:
@@ -99,6 +107,16 @@ class PoseConfig:
         """Build from a dict (e.g. a checkpoint's config.json); unknown keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def is_trunk_param(path: str) -> bool:
+    """Whether a parameter path (``.../dwpose_embedding/<i>/kernel|bias``, as ``param_path`` writes
+    it) belongs to the 3D stack's trunk, i.e. every conv before the head (index 12)."""
+    parts = path.split("/")
+    if "dwpose_embedding" not in parts:
+        return False
+    i = parts.index("dwpose_embedding")
+    return i + 1 < len(parts) and parts[i + 1].isdigit() and int(parts[i + 1]) < 2 * (len(POSE3D_LAYERS) - 1)
 
 
 POSE_PRESETS: dict[str, PoseConfig] = {
@@ -201,9 +219,12 @@ class PoseConditioner(nnx.Module):
     def _encode3d(self, x: jax.Array) -> jax.Array:
         """[B, T, H, W, C] (T = 4n) -> [B, n, H/16, W/16, out_dim] through the 7 convs."""
         layers = self._layers3d()
+        impl = resolve_conv_impl(getattr(self, "conv_impl", "auto"))
+        if not self.cfg.train_trunk:  # forward only: no gradient into or through the trunk, so no remat
+            x = jax.lax.stop_gradient(_run_stack(layers[:-1], x, act_last=True, impl=impl))
+            return _run_stack(layers[-1:], x, act_last=False, impl=impl)
         full, rest = layers[:_FULL_RES_LAYERS], layers[_FULL_RES_LAYERS:]
         geometry = [(s, p) for _, _, s, p in full]  # static: closed over, never traced
-        impl = resolve_conv_impl(getattr(self, "conv_impl", "auto"))
 
         def trunk(params, h):
             return _run_stack([(k, b, s, p) for (k, b), (s, p) in zip(params, geometry)], h, act_last=True,

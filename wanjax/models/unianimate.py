@@ -317,6 +317,43 @@ def init_student_from_backbone(student: PoseDiT, backbone_params) -> PoseDiT:
     return student
 
 
+def init_student_pose(student: PoseDiT, pose_params) -> list[str]:
+    """Copy a UniAnimate pose conditioner (its ``nnx.State`` or pure dict of ``nnx.Param``, e.g. the
+    converted teacher's ``pose/``) into ``student.pose``, in place (spec 12.2 item 1): the 3D stack's
+    trunk (``dwpose_embedding.0-10``) and the reference-pose stack must match and are copied; the 3D
+    head is copied where its shape matches (the 14B teacher's 16 -> 5120 head fits the 1.3B student's
+    5120-wide stack + ``pose_proj``), else it keeps the student's init; ``pose_proj`` is never
+    touched (zero at init: the student still starts unchanged). Returns the copied paths."""
+    from wanjax.models.pose import is_trunk_param
+
+    if isinstance(pose_params, nnx.State):
+        pose_params = nnx.to_pure_dict(pose_params)
+    src = flatten_params(pose_params)
+    dst_state = nnx.state(student.pose, nnx.Param)
+    out = flatten_params(nnx.to_pure_dict(dst_state))
+    problems, copied = [], []
+    for k, v in src.items():
+        required = is_trunk_param(k) or k.startswith("randomref_embedding_pose/")
+        if k.startswith("pose_proj/"):
+            continue
+        if k not in out:
+            problems.append(f"{k} {tuple(v.shape)} has no place in the student's pose conditioner")
+        elif tuple(v.shape) != tuple(out[k].shape):
+            if required:
+                problems.append(f"{k}: source {tuple(v.shape)}, student {tuple(out[k].shape)}")
+        else:
+            out[k] = jnp.asarray(v, out[k].dtype)
+            copied.append(k)
+    missing = [k for k in out if (is_trunk_param(k) or k.startswith("randomref_embedding_pose/")) and k not in src]
+    problems += [f"the source has no {k}" for k in missing]
+    if problems:
+        raise ValueError("init_student_pose: the pose weights do not fit the student:\n  - "
+                         + "\n  - ".join(problems[:20]))
+    nnx.replace_by_pure_dict(dst_state, _rebuild(nnx.to_pure_dict(dst_state), out))
+    nnx.update(student.pose, dst_state)
+    return copied
+
+
 def _rebuild(template: Mapping, flat: Mapping[str, Any], prefix: str = "") -> dict:
     """``template``'s nested structure (original key types, e.g. int keys of nnx.List) filled from ``flat``."""
     out = {}

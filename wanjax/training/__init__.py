@@ -29,9 +29,11 @@ API in one screen::
 """
 from wanjax.training.ckpt import Checkpointer, CheckpointMismatch, PreemptionGuard, export_inference
 from wanjax.training.loop import (BatchIterator, DataError, LoopConfig, Phase, Trainer, dit_forward_flops,
-                                  make_optimizer, phase_batches, pose_encoder_flops, train)
+                                  make_optimizer, param_path, phase_batches, pose_encoder_flops, pose_train_flops,
+                                  train)
 from wanjax.training.state import EMAConfig, ModelState, TrainState
 
 __all__ = ["Checkpointer", "CheckpointMismatch", "PreemptionGuard", "export_inference", "BatchIterator",
            "DataError", "LoopConfig", "Phase", "Trainer", "dit_forward_flops", "make_optimizer",
-           "phase_batches", "pose_encoder_flops", "train", "EMAConfig", "ModelState", "TrainState"]
+           "param_path", "phase_batches", "pose_encoder_flops", "pose_train_flops", "train", "EMAConfig",
+           "ModelState", "TrainState"]

@@ -74,18 +74,48 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Optimizer
 # ----------------------------------------------------------------------------------------------
+def param_path(path) -> str:
+    """A pytree key path (of an ``nnx.State``) as the '/'-joined names, e.g. ``pose/dwpose_embedding/0/kernel``."""
+    names = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+        else:
+            names.append(str(k))
+    return "/".join(names)
+
+
 def make_optimizer(lr: float, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    weight_decay: float = 0.01, max_grad_norm: float | None = 10.0,
-                   warmup_steps: int = 0, mu_dtype=None) -> optax.GradientTransformation:
+                   warmup_steps: int = 0, mu_dtype=None,
+                   frozen: Callable[[str], bool] | None = None) -> optax.GradientTransformation:
     """Global-norm clipping (None: off) then AdamW with an optional linear warm-up, constant after.
     ``mu_dtype`` (e.g. bfloat16) stores Adam's first moment in that dtype (None: the parameters'):
     with Self-Forcing's b1 = 0 the first moment is just the current gradient, so bf16 costs nothing
-    but saves 2 bytes per parameter."""
+    but saves 2 bytes per parameter. ``frozen(path)`` (path as in :func:`param_path`) marks
+    parameters that never change: their update is zero (no weight decay either; their Adam moments
+    stay zero with their zero gradients)."""
     sched = (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else lr)
     parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                              mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None))
+    if frozen is not None:
+        parts.append(zero_updates_where(frozen))
     return optax.chain(*parts)
+
+
+def zero_updates_where(frozen: Callable[[str], bool]) -> optax.GradientTransformation:
+    """Zero the updates of the parameters whose path satisfies ``frozen`` (stateless; placed last, so
+    nothing -- not even weight decay -- moves them). The state keeps the parameters' structure, so
+    it shards like any other optimizer state."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda p, u: jnp.zeros_like(u) if frozen(param_path(p)) else u, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,14 +569,17 @@ def dit_forward_flops(cfg, frames: int, tokens_per_frame: int, *, frames_per_blo
     return float(nl * per_layer + 2 * L * D * cfg.in_dim * pp + 2 * L * D * cfg.out_dim * pp)
 
 
-def pose_encoder_flops(pcfg, pixel_frames: int, height: int, width: int) -> float:
+def pose_encoder_flops(pcfg, pixel_frames: int, height: int, width: int, *, trunk_only: bool = False) -> float:
     """Forward conv FLOPs of the pose stacks (3D on ``pixel_frames + 3`` padded frames, 2D on the
-    reference pose), 2 per multiply-add, plus the optional projection."""
+    reference pose), 2 per multiply-add, plus the optional projection. ``trunk_only``: just the 3D
+    stack's trunk (every conv before its head)."""
     from wanjax.models.pose import POSE3D_LAYERS, REF2D_STRIDES
 
     T, H, W = pixel_frames + 3, height, width
     cin, total = pcfg.in_channels, 0.0
     for i, (k, s, p) in enumerate(POSE3D_LAYERS):
+        if trunk_only and i == len(POSE3D_LAYERS) - 1:
+            return total
         cout = pcfg.out_dim if i == len(POSE3D_LAYERS) - 1 else pcfg.hidden
         T = (T + 2 * p[0] - k[0]) // s[0] + 1
         H = (H + 2 * p[1] - k[1]) // s[1] + 1
@@ -562,6 +595,16 @@ def pose_encoder_flops(pcfg, pixel_frames: int, height: int, width: int) -> floa
         total += 2.0 * 9 * cin * cout * h * w
         cin = cout
     return total
+
+
+def pose_train_flops(pcfg, pixel_frames: int, height: int, width: int) -> float:
+    """Forward + backward FLOPs of the pose stacks under a gradient: 3x the forward, except that a
+    frozen trunk (``PoseConfig.train_trunk=False``) runs forward only."""
+    total = pose_encoder_flops(pcfg, pixel_frames, height, width)
+    if getattr(pcfg, "train_trunk", True):
+        return 3 * total
+    trunk = pose_encoder_flops(pcfg, pixel_frames, height, width, trunk_only=True)
+    return 3 * (total - trunk) + trunk
 
 
 _PEAK_BF16 = {  # dense bf16 FLOP/s per device
