@@ -74,13 +74,18 @@ def _wait(procs: list[subprocess.Popen]) -> list[str]:
     return outs
 
 
-def _two_processes(world, manifest: str, out: Path) -> list[str]:
+def _launch(world, manifest: str, out: Path) -> tuple[list[subprocess.Popen], list[str]]:
+    """Two processes of one jax.distributed job; their return codes and outputs."""
     port = _free_port()
     procs = [subprocess.Popen(_cmd(world, manifest, out, f"--config.distributed.coordinator_address=localhost:{port}",
                                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
                               cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outs = _wait(procs)
+    return procs, _wait(procs)
+
+
+def _two_processes(world, manifest: str, out: Path) -> list[str]:
+    procs, outs = _launch(world, manifest, out)
     for i, (p, o) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i}:\n{o[-4000:]}"
         assert f"process {i} of 2, 4 devices" in o, o[-2000:]
@@ -128,3 +133,32 @@ def test_two_processes_write_what_one_process_writes(world):
     assert sorted(c) == ["index-p00000.json", "index.json", "shard-00000.safetensors"]
     assert c["shard-00000.safetensors"] == a["shard-00000.safetensors"]
     assert TargetReader(root / "one_group").ids == ["s0", "s1"]
+
+
+def test_a_failing_host_stops_the_others_with_an_error_naming_it(world):
+    """Host 1's group holds a row whose pose frame is corrupt (on_bad_row=stop): host 1 raises while
+    reading it; host 0 finishes its own groups and, instead of waiting at the final barrier until the
+    coordination timeout, raises an error naming host 1 and its cause. Host 0's shards are written,
+    the merged index is not (the run is incomplete), and both processes exit non-zero."""
+    import time
+
+    root, data = world["root"], world["data"]
+    bad = data / "p_bad"
+    bad.mkdir(exist_ok=True)
+    for f in sorted((data / "p2").iterdir()):
+        (bad / f.name).write_bytes(f.read_bytes())
+    first = sorted(bad.iterdir())[0]
+    first.write_bytes(b"not a png")
+    rows = [json.loads(line) for line in (data / "m.jsonl").read_text().splitlines()]
+    rows[2]["pose"] = str(bad)  # s2: group 1, host 1's
+    (data / "m_bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = root / "failing"
+    t0 = time.monotonic()
+    procs, outs = _launch(world, "m_bad.jsonl", out)  # a hang fails inside, after TIMEOUT, with stacks
+    assert time.monotonic() - t0 < TIMEOUT
+    assert procs[0].returncode != 0 and procs[1].returncode != 0, outs
+    assert first.name in outs[1], outs[1][-3000:]
+    assert "host(s) 1 of 2 failed" in outs[0] and first.name in outs[0], outs[0][-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert "shard-00000.safetensors" in files and "shard-00002.safetensors" in files, files
+    assert "shard-00001.safetensors" not in files and "index.json" not in files, files

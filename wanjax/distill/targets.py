@@ -57,8 +57,11 @@ CPU by the tests; on GPU this also needs deterministic kernels and autotuning, e
 Multi-host: each host loads the teacher on its own local mesh and works independently (its loads
 meet no other host: :func:`wanjax.checkpoint.restore_params` on a host-local mesh has no cross-host
 barrier, so hosts may load at different times, or not at all when they have nothing to generate); at
-the end every host, busy or not, meets the others once at a barrier and process 0 writes the merged
-``index.json``.
+the end every host, busy or not, reports how it finished ("ok" or its error) through the coordination
+service's key-value store and waits for the others' reports; then process 0 writes the merged
+``index.json``. A host that fails reports its error before it raises, so the others stop at once with
+an error naming it (rather than waiting at a barrier until the coordination timeout); their finished
+shards stay, and rerunning the same command on every host resumes.
 """
 from __future__ import annotations
 
@@ -80,9 +83,10 @@ from flax import nnx
 import wanjax  # noqa: F401
 from wanjax import sampling
 from wanjax.data.manifest import ManifestError, ManifestRow, RowInputs, bad_row, load_manifest, read_row
-from wanjax.data.targets import TargetWriter, merge_index, shard_name
+from wanjax.data.targets import TargetError, TargetWriter, merge_index, shard_name
 from wanjax.models import unianimate as ua
 from wanjax.pipeline import MODES, PipelineError, Y_CHANNELS
+from wanjax.training.distributed import exchange_status
 
 log = logging.getLogger("wanjax.distill.targets")
 
@@ -526,10 +530,29 @@ def load_teacher(cfg, mesh):
     return model, vae, clip
 
 
+# hosts report how they finished under this key (one per job, not per path: hosts may mount the
+# output directory at different paths)
+_STATUS_KEY = "wanjax_teacher_targets_status"
+
+
 def generate_targets(cfg, *, progress: bool = True, on_batch: Callable[[int], None] | None = None) -> dict:
     """Run the teacher over this host's share of the manifest and write target shards to
     ``cfg.out_dir`` (see the module doc). ``on_batch(n)`` is called after every finished batch (n
-    counts from 1; a test hook that may raise to simulate a kill). Returns a summary dict."""
+    counts from 1; a test hook that may raise to simulate a kill). Returns a summary dict.
+
+    Multi-host: a host that fails reports its error to the others (``exchange_status``) before it
+    raises; the others, once done, raise a :class:`TargetError` that names it instead of waiting."""
+    try:
+        summary = _generate(cfg, progress=progress, on_batch=on_batch)
+    except BaseException as e:
+        if jax.process_count() > 1:
+            exchange_status(_STATUS_KEY, f"{type(e).__name__}: {e}"[:2000] or "failed", wait=False)
+        raise
+    _finish(cfg.out_dir, jax.process_count())
+    return summary
+
+
+def _generate(cfg, *, progress: bool, on_batch) -> dict:
     from tqdm import tqdm
 
     from wanjax import pipeline as P
@@ -550,7 +573,6 @@ def generate_targets(cfg, *, progress: bool = True, on_batch: Callable[[int], No
              summary["groups_done_before"], len(mine), len(todo))
     if not todo:
         writer.close()
-        _finish(cfg.out_dir, nproc)
         return summary
 
     mesh = local_mesh(cfg.mesh)
@@ -607,18 +629,21 @@ def generate_targets(cfg, *, progress: bool = True, on_batch: Callable[[int], No
         raise
     bar.close()
     writer.close()
-    _finish(cfg.out_dir, nproc)
     elapsed = time.perf_counter() - t0
     summary.update(seconds=elapsed, samples_per_hour=summary["samples"] / max(elapsed, 1e-9) * 3600.0)
     return summary
 
 
 def _finish(out_dir, process_count: int) -> None:
-    """Multi-host: wait for every host, then process 0 writes the merged index.json."""
+    """Multi-host: wait for every host to report; if one failed, raise naming it (this host's shards
+    are complete); else process 0 writes the merged index.json."""
     if process_count > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("wanjax_teacher_targets_done")
+        seen = exchange_status(_STATUS_KEY, "ok")
+        failed = {p: s for p, s in sorted(seen.items()) if s != "ok"}
+        if failed:
+            raise TargetError(f"{out_dir}: host(s) {', '.join(map(str, failed))} of {process_count} failed ("
+                              + "; ".join(f"host {p}: {s}" for p, s in failed.items()) + "). This host's shards "
+                              "are complete; fix the cause and rerun the same command on every host to resume.")
         if jax.process_index() == 0:
             merge_index(out_dir)
 

@@ -60,3 +60,30 @@ def init_distributed(d) -> bool:
     log.info("jax.distributed: process %d of %d, %d devices", jax.process_index(), jax.process_count(),
              len(jax.devices()))
     return True
+
+
+def exchange_status(name: str, status: str, *, wait: bool = True, poll_s: float = 0.5) -> dict[int, str]:
+    """Tell the other processes of a ``jax.distributed`` job how this one finished, and hear theirs.
+
+    Each process stores ``status`` ("ok" or an error message) under ``<name>/<process index>`` in the
+    coordination service's key-value store. ``wait``: poll until every process has reported, or until
+    one reports anything but "ok" (then return at once, so a failed host stops the others instead of
+    leaving them at a barrier until the coordination timeout). A process that dies without reporting
+    is caught by the coordination service's heartbeat, which makes the polling raise. Returns
+    ``{process index: status}`` of the reports seen (only this process's without ``jax.distributed``).
+    """
+    import time
+
+    import jax
+    from jax._src import distributed as _dist  # the coordination client (as Orbax uses it)
+
+    me = jax.process_index()
+    client = _dist.global_state.client
+    if client is None or jax.process_count() == 1:
+        return {me: status}
+    client.key_value_set(f"{name}/{me}", status)
+    while True:
+        seen = {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(f"{name}/")}
+        if not wait or len(seen) == jax.process_count() or any(v != "ok" for v in seen.values()):
+            return seen
+        time.sleep(poll_s)
