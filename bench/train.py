@@ -18,7 +18,9 @@ keeps (``wanjax.models.dit.REMAT_POLICIES``); ``--pose_conv`` the pose stack's 3
 ``--pose_time_chunk`` (default 0 = whole video, as configs/distill.py) the latent frames per pass of
 the pose stacks; ``--offload`` keeps optimizer state and EMA in pinned host memory (``Trainer(offload=True)``);
 ``--pose_trunk frozen`` keeps the pose stack's trunk out of the gradient (configs/distill.py
-``pose_trunk_trainable=False``; its FLOPs then count once, forward only).
+``pose_trunk_trainable=False``; its FLOPs then count once, forward only). ``--profile DIR`` traces one
+more step and lists the ``--profile_top`` longest kernels; ``--hlo DIR`` writes the compiled step's
+optimized HLO, which names the source of each fusion in such a list.
 
 MFU = model FLOPs of the step / (step time x devices x peak bf16 FLOP/s per device). Model FLOPs
 (``wanjax.training.dit_forward_flops`` + ``pose_encoder_flops`` / ``pose_train_flops``; matmuls and
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 # Training wants the whole accelerator: JAX's default lets a process use 75% of GPU memory (60 GiB
 # of an 80 GB H100: a 1.3B ODE-step variant failed allocating 30 GiB of temporaries next to 24 GiB of
@@ -157,7 +160,7 @@ def run_stage(args) -> dict:
     mem = {}
     step = lambda s: trainer.update(s, phase, batch)  # noqa: E731
     t_compile = 0.0
-    if args.memory:  # XLA's buffer assignment for the step (before running it: also for OOM cases)
+    if args.memory or args.hlo:  # XLA's buffer assignment for the step (before running it: also for OOM cases)
         i = [p.name for p in trainer.phases].index(phase)
         b = trainer.micro_split(batch)
         fn, bsh = trainer._update_fn(i, b)
@@ -169,6 +172,10 @@ def run_stage(args) -> dict:
                                                       "temp_size_in_bytes", "alias_size_in_bytes")
                if hasattr(ma, k)}
         print("MEMORY " + json.dumps(mem), flush=True)
+        if args.hlo:  # the optimized HLO: maps the profile's fusion / kernel names to their ops and source lines
+            path = Path(args.hlo) / f"{phase}_{args.remat_policy}_{args.pose_trunk}.hlo.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(compiled.as_text())
         step = lambda s: compiled(s, trainer.put_batch(b, bsh), trainer.frozen_params)  # noqa: E731  (no 2nd compile)
     t0 = time.perf_counter()
     state, m = step(state)
@@ -231,6 +238,7 @@ def main(argv=None):
     ap.add_argument("--offload", action="store_true",
                     help="optimizer state + EMA in pinned host memory (configs/distill.py offload_state)")
     ap.add_argument("--profile", default="", help="trace one extra step into DIR and report device time per op")
+    ap.add_argument("--hlo", default="", help="write the compiled step's optimized HLO text into DIR")
     ap.add_argument("--profile_top", type=int, default=30, help="how many of the longest ops --profile lists")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
