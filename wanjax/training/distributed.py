@@ -69,7 +69,7 @@ def exchange_status(name: str, status: str, *, wait: bool = True, poll_s: float 
     coordination service's key-value store. ``wait``: poll until every process has reported, or until
     one reports anything but "ok" (then return at once, so a failed host stops the others instead of
     leaving them at a barrier until the coordination timeout). A process that dies without reporting
-    is caught by the coordination service's heartbeat, which makes the polling raise. Returns
+    (SIGKILL) is left to the coordination service's heartbeat check (not tested here). Returns
     ``{process index: status}`` of the reports seen (only this process's without ``jax.distributed``).
     """
     import time
