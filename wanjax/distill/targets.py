@@ -546,7 +546,7 @@ def generate_targets(cfg, *, progress: bool = True, on_batch: Callable[[int], No
         summary = _generate(cfg, progress=progress, on_batch=on_batch)
     except BaseException as e:
         if jax.process_count() > 1:
-            exchange_status(_STATUS_KEY, f"{type(e).__name__}: {e}"[:2000] or "failed", wait=False)
+            exchange_status(_STATUS_KEY, f"{type(e).__name__}: {e}"[:2000], wait=False)
         raise
     _finish(cfg.out_dir, jax.process_count())
     return summary
