@@ -95,8 +95,8 @@ def make_optimizer(lr: float, *, b1: float = 0.9, b2: float = 0.999, eps: float 
     ``mu_dtype`` (e.g. bfloat16) stores Adam's first moment in that dtype (None: the parameters'):
     with Self-Forcing's b1 = 0 the first moment is just the current gradient, so bf16 costs nothing
     but saves 2 bytes per parameter. ``frozen(path)`` (path as in :func:`param_path`) marks
-    parameters that never change: their update is zero (no weight decay either; their Adam moments
-    stay zero with their zero gradients)."""
+    parameters that never change: their update is zero, weight decay included (their Adam moments
+    are still kept, and stay zero where, as for a frozen pose trunk, their gradient is zero)."""
     sched = (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else lr)
     parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
