@@ -84,3 +84,20 @@ def device_op_times(trace_dir: str, top: int = 30) -> dict:
     rows.sort(key=lambda r: -r[2])
     return {"total_ms": sum(by_cat.values()), "by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
             "top": rows[:top], "lines": seen[:40]}
+
+
+def hlo_op_names(hlo_text: str, names) -> dict[str, str]:
+    """``{instruction name: its op_name metadata}`` for the given names (e.g. the fusions of a
+    :func:`device_op_times` list, whose kernels carry their HLO instruction's name) in an optimized
+    HLO module's text (``compiled.as_text()``). The op_name is the JAX path of the instruction's root
+    op, with the model's ``jax.named_scope`` names in it; names not found are left out."""
+    import re
+
+    want, out = set(names), {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
+        if not m or m.group(1) not in want or m.group(1) in out:
+            continue
+        op = re.search(r'op_name="([^"]*)"', line)
+        out[m.group(1)] = op.group(1) if op else ""
+    return out

@@ -196,6 +196,10 @@ def run_stage(args) -> dict:
             state, m = step(state)
             jax.block_until_ready(state)
         prof = device_op_times(d, top=args.profile_top)
+        if args.hlo:  # the JAX op (with the model's named scopes) behind each listed kernel
+            from bench.common import hlo_op_names
+
+            prof["op_names"] = hlo_op_names(compiled.as_text(), [r[0] for r in prof["top"]])
         print("PROFILE " + json.dumps(prof), flush=True)
     flops = next(p for p in trainer.phases if p.name == phase).flops_per_sample * n
     step = float(np.median(times))
@@ -294,7 +298,9 @@ def main(argv=None):
         for cat, ms in pr["by_category"].items():
             sys.stderr.write(f"  {cat:<32} {ms:9.1f} ms  {100 * ms / max(pr['total_ms'], 1e-9):5.1f}%\n")
         for name, cat, ms, count in pr["top"]:
-            sys.stderr.write(f"    {name[:60]:<60} {cat:<30} {ms:8.1f} ms  x{count}\n")
+            src = pr.get("op_names", {}).get(name, "")
+            tail = f"  {src[-110:]}" if src else ""
+            sys.stderr.write(f"    {name[:60]:<60} {cat:<30} {ms:8.1f} ms  x{count}{tail}\n")
     if rows and "device" in rows[0]:
         print(f"device: {rows[0]['device']}, {args.frames} latent frames, {args.height}x{args.width}, "
               f"pose time chunk {args.pose_time_chunk or 'off'}, offload {'on' if args.offload else 'off'}, "

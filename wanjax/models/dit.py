@@ -324,10 +324,12 @@ class SelfAttention(_Projections):
         b = jnp.concatenate([self.q.bias[...], self.k.bias[...], self.v.bias[...]])
         qkv = jnp.einsum("bld,de->ble", x, w.astype(x.dtype)) + b.astype(x.dtype)
         q, k, v = jnp.split(qkv, 3, axis=-1)
-        q = self.norm_q(q).reshape(B, L, H, D // H)
-        k = self.norm_k(k).reshape(B, L, H, D // H)
+        with jax.named_scope("qk_norm"):
+            q = self.norm_q(q).reshape(B, L, H, D // H)
+            k = self.norm_k(k).reshape(B, L, H, D // H)
         v = v.reshape(B, L, H, D // H)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        with jax.named_scope("rope"):
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def out(self, o):
         B, L, H, Dh = o.shape
@@ -398,15 +400,24 @@ class Block(nnx.Module):
         return [m[:, :, i] for i in range(6)]
 
     def _attend_and_ffn(self, x, e0, ckv, F_, self_attn_fn, backend):
+        # named scopes only label the ops (profiles, HLO op_name metadata); they change no computation
         cdt = self.cfg.compute_dtype
         sh_sa, sc_sa, g_sa, sh_ff, sc_ff, g_ff = self._mods(e0)
         eps = self.cfg.eps
-        h = _modulate(layer_norm(x, eps), sh_sa, sc_sa, F_).astype(cdt)
-        y, aux = self_attn_fn(h)
-        x = x + _gate(y, g_sa, F_)
-        x = x + _tag(self.cross_attn(self.norm3(x).astype(cdt), ckv, backend), "cross_out").astype(F32)
-        h = _modulate(layer_norm(x, eps), sh_ff, sc_ff, F_).astype(cdt)
-        x = x + _gate(self.ffn(h), g_ff, F_)
+        with jax.named_scope("norm_modulate_sa"):
+            h = _modulate(layer_norm(x, eps), sh_sa, sc_sa, F_).astype(cdt)
+        with jax.named_scope("self_attn"):
+            y, aux = self_attn_fn(h)
+        with jax.named_scope("gate_sa"):
+            x = x + _gate(y, g_sa, F_)
+        with jax.named_scope("cross_attn"):
+            x = x + _tag(self.cross_attn(self.norm3(x).astype(cdt), ckv, backend), "cross_out").astype(F32)
+        with jax.named_scope("norm_modulate_ffn"):
+            h = _modulate(layer_norm(x, eps), sh_ff, sc_ff, F_).astype(cdt)
+        with jax.named_scope("ffn"):
+            y = self.ffn(h)
+        with jax.named_scope("gate_ffn"):
+            x = x + _gate(y, g_ff, F_)
         return x, aux
 
     def __call__(self, x, e0, ckv: CrossKV, cos, sin, spec: attn_lib.BlockCausalSpec, backend: str):
