@@ -123,7 +123,7 @@ def run_stage(args) -> dict:
     """One stage in this process: build, compile, time. Returns the row as a dict."""
     from wanjax.distill import objectives, ode
     from wanjax.training import EMAConfig, Phase, Trainer, dit_forward_flops, make_optimizer, pose_train_flops
-    from wanjax.models.pose import is_trunk_param
+    from wanjax.models.pose import frozen_params
     from wanjax.training.loop import peak_flops_per_device
 
     mesh = shd.make_mesh(data=1, fsdp=-1)
@@ -132,15 +132,15 @@ def run_stage(args) -> dict:
     student, critic, teacher = _models(args, mesh)
     batch = _batch(args, n, student.cfg.dit)
     sample = {k: v[0] for k, v in batch.items()}
-    frozen = is_trunk_param if args.pose_trunk == "frozen" else None
     if args.stage == "ode":
         F, T = args.frames, (args.height // 16) * (args.width // 16)
         flops = 3 * dit_forward_flops(student.cfg.dit, F, T, frames_per_block=student.cfg.dit.num_frame_per_block,
                                       image_tokens=257) + pose_train_flops(student.cfg.pose, 4 * (F - 1) + 1,
                                                                            args.height, args.width)
         phases = [Phase("ode", "student", lambda m, b, k: ode.ode_loss(m, b, k), flops_per_sample=flops)]
-        trainer = Trainer({"student": student}, {"student": make_optimizer(2e-5, frozen=frozen)}, phases, mesh,
-                          ema={"student": EMAConfig(0.99, 0)}, offload=args.offload)
+        opt = make_optimizer(2e-5, frozen=frozen_params(student.cfg.pose))
+        trainer = Trainer({"student": student}, {"student": opt}, phases, mesh, ema={"student": EMAConfig(0.99, 0)},
+                          offload=args.offload)
         phase = "ode"
     else:
         ns = types.SimpleNamespace
@@ -148,8 +148,10 @@ def run_stage(args) -> dict:
                         context_sigma=0.0, last_step_only=False, gen_update_ratio=1),
                  ode=ns(pose_drop=0.05, image_drop=0.10))
         phases = objectives.dmd_phases(cfg, student, teacher, critic, sample)
-        opt = lambda lr: make_optimizer(lr, b1=0.0, b2=0.999, mu_dtype=args.dmd_mu_dtype or None, frozen=frozen)
-        trainer = Trainer({"student": student, "critic": critic}, {"student": opt(2e-6), "critic": opt(4e-7)},
+        opt = lambda lr, m: make_optimizer(lr, b1=0.0, b2=0.999, mu_dtype=args.dmd_mu_dtype or None,
+                                           frozen=frozen_params(m.cfg.pose))
+        trainer = Trainer({"student": student, "critic": critic},
+                          {"student": opt(2e-6, student), "critic": opt(4e-7, critic)},
                           phases, mesh, frozen={"teacher": teacher}, ema={"student": EMAConfig(0.99, 0)},
                           offload=args.offload)
         phase = args.stage
@@ -160,6 +162,7 @@ def run_stage(args) -> dict:
     mem = {}
     step = lambda s: trainer.update(s, phase, batch)  # noqa: E731
     t_compile = 0.0
+    hlo_text = ""
     if args.memory or args.hlo:  # XLA's buffer assignment for the step (before running it: also for OOM cases)
         i = [p.name for p in trainer.phases].index(phase)
         b = trainer.micro_split(batch)
@@ -175,7 +178,8 @@ def run_stage(args) -> dict:
         if args.hlo:  # the optimized HLO: maps the profile's fusion / kernel names to their ops and source lines
             path = Path(args.hlo) / f"{phase}_{args.remat_policy}_{args.pose_trunk}.hlo.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(compiled.as_text())
+            hlo_text = compiled.as_text()
+            path.write_text(hlo_text)
         step = lambda s: compiled(s, trainer.put_batch(b, bsh), trainer.frozen_params)  # noqa: E731  (no 2nd compile)
     t0 = time.perf_counter()
     state, m = step(state)
@@ -199,7 +203,7 @@ def run_stage(args) -> dict:
         if args.hlo:  # the JAX op (with the model's named scopes) behind each listed kernel
             from bench.common import hlo_op_names
 
-            prof["op_names"] = hlo_op_names(compiled.as_text(), [r[0] for r in prof["top"]])
+            prof["op_names"] = hlo_op_names(hlo_text, [r[0] for r in prof["top"]])
         print("PROFILE " + json.dumps(prof), flush=True)
     flops = next(p for p in trainer.phases if p.name == phase).flops_per_sample * n
     step = float(np.median(times))

@@ -44,7 +44,7 @@ from wanjax import sharding as shd
 from wanjax.distill import dmd, ode
 from wanjax.models import unianimate as ua
 from wanjax.models.dit import WanDiTConfig
-from wanjax.models.pose import PoseConfig, is_trunk_param
+from wanjax.models.pose import PoseConfig, frozen_params
 from wanjax.training import ckpt as ckpt_lib
 from wanjax.training import loop as loop_lib
 from wanjax.training import state as st
@@ -419,27 +419,27 @@ def build(cfg, dataset=None, mesh=None):
     text_len = student.cfg.dit.text_len
     ema_cfg = st.EMAConfig(cfg.ema.decay, cfg.ema.start_step) if cfg.ema.decay > 0 else None
     o = cfg.optim
-    # pose_trunk_trainable=False: the pose stack's trunk stays as initialised (no gradient, no update)
-    frozen = None if cfg.get("pose_trunk_trainable", True) else is_trunk_param
     if cfg.objective == "ode":
         phases = ode_phases(cfg, student, first)
         trainer = loop_lib.Trainer(
             {"student": student},
             {"student": loop_lib.make_optimizer(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                                                 max_grad_norm=o.max_grad_norm, warmup_steps=o.warmup_steps,
-                                                mu_dtype=o.mu_dtype or None, frozen=frozen)},
+                                                mu_dtype=o.mu_dtype or None,
+                                                frozen=frozen_params(student.cfg.pose))},
             phases, mesh, ema={"student": ema_cfg} if ema_cfg else None, master_dtype=jnp.dtype(cfg.master_dtype),
             accum_steps=cfg.accum_steps, seed=cfg.seed, offload=cfg.get("offload_state", False))
     else:
         teacher = build_teacher(cfg, mesh)
         critic = build_critic(cfg, student)
         d = cfg.dmd
-        opt = lambda lr: loop_lib.make_optimizer(lr, b1=d.b1, b2=d.b2, eps=o.eps, weight_decay=o.weight_decay,
-                                                 max_grad_norm=o.max_grad_norm, warmup_steps=o.warmup_steps,
-                                                 mu_dtype=o.mu_dtype or None, frozen=frozen)
+        opt = lambda lr, m: loop_lib.make_optimizer(lr, b1=d.b1, b2=d.b2, eps=o.eps, weight_decay=o.weight_decay,
+                                                    max_grad_norm=o.max_grad_norm, warmup_steps=o.warmup_steps,
+                                                    mu_dtype=o.mu_dtype or None, frozen=frozen_params(m.cfg.pose))
         phases = dmd_phases(cfg, student, teacher, critic, first)
         trainer = loop_lib.Trainer(
-            {"student": student, "critic": critic}, {"student": opt(d.lr_generator), "critic": opt(d.lr_critic)},
+            {"student": student, "critic": critic},
+            {"student": opt(d.lr_generator, student), "critic": opt(d.lr_critic, critic)},
             phases, mesh, frozen={"teacher": teacher}, ema={"student": ema_cfg} if ema_cfg else None,
             master_dtype=jnp.dtype(cfg.master_dtype), accum_steps=cfg.accum_steps, seed=cfg.seed,
             offload=cfg.get("offload_state", False))

@@ -119,6 +119,12 @@ def is_trunk_param(path: str) -> bool:
     return i + 1 < len(parts) and parts[i + 1].isdigit() and int(parts[i + 1]) < 2 * (len(POSE3D_LAYERS) - 1)
 
 
+def frozen_params(cfg: PoseConfig):
+    """The parameter-path filter an optimizer must keep fixed for a model with this pose config
+    (``make_optimizer(frozen=...)``): :func:`is_trunk_param` when the trunk is not trained, else None."""
+    return None if cfg.train_trunk else is_trunk_param
+
+
 POSE_PRESETS: dict[str, PoseConfig] = {
     "tiny": PoseConfig(hidden=4, out_dim=8, ref_dim=6),
     "tiny_student": PoseConfig(hidden=4, out_dim=8, ref_dim=6, proj_dim=5),
