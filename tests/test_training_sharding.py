@@ -15,7 +15,8 @@ from wanjax import sharding as shd
 from wanjax.distill import objectives
 from wanjax.nn import Linear
 from wanjax.training import BatchIterator, EMAConfig, LoopConfig, Phase, Trainer, export_inference, make_optimizer
-from wanjax.training import param_path as loop_param_path, phase_batches, train
+from wanjax.training import phase_batches, train
+from wanjax.models import unianimate as ua
 from wanjax.models.pose import is_trunk_param
 from wanjax.training import state as st
 from tests.test_distill_ode import make_inputs, make_teacher, tiny_cfg
@@ -191,14 +192,12 @@ def test_dmd_steps_run_on_the_sharded_mesh(tmp_path, offload):
         assert {a.sharding.memory_kind for a in jax.tree.leaves(res.state.models[n].opt_state)} == {want}, n
     assert {a.sharding.memory_kind for a in jax.tree.leaves(res.state.models["student"].ema)} == {want}
     if offload:  # the trunk came from the teacher's pose/ and stayed frozen in both models, which did update
-        flat = lambda tree, pre="": {pre + loop_param_path(p).removesuffix("/value"): np.asarray(v)  # noqa: E731
-                                     for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
-        teacher = flat(nnx.state(make_teacher(0).pose, nnx.Param), "pose/")
-        start = flat(nnx.state(objectives.build_student(cfg), nnx.Param))
+        teacher = {"pose/" + k: v for k, v in ua.param_arrays(make_teacher(0).pose).items()}
+        start = ua.param_arrays(objectives.build_student(cfg))
         trunk = sorted(k for k in teacher if is_trunk_param(k))
         assert len(trunk) == 12, trunk  # dwpose_embedding.{0,2,...,10} kernel + bias
         for n in ("student", "critic"):
-            end = flat(res.state.models[n].params)
+            end = ua.param_arrays(res.trainer.model(res.state, n))
             for k in trunk:
                 np.testing.assert_array_equal(end[k], teacher[k], err_msg=f"{n}: {k}")
             assert any(not np.array_equal(v, start[k]) for k, v in end.items()), n  # (the updates did happen)

@@ -169,13 +169,14 @@ def results_markdown(s: Mapping[str, Any]) -> str:
     m = s["metrics"]["mean"]
     speed = s["summary"]["speed"]
     checks = s["summary"]["checks"]
+    cached_note = _cached_note(s)
     lines = [f"# Results: the synthetic world (`{cfg['name']}` preset)", "",
              "A world whose ground truth we know (issue 7): procedural pose-driven videos "
              "(`wanjax.data.synthetic`), a tiny Wan VAE and a tiny pose + reference teacher trained from scratch, "
              "distilled into a 4-step block-causal student, all with the project's own code. Everything below "
-             + ("was produced by this command, with the reused stages noted after it:" if _cached_note(s)
+             + ("was produced by this command, with the reused stages noted after it:" if cached_note
                 else "was produced by one command:"), "", "```bash", s["command"], "```", "",
-             *_cached_note(s),
+             *cached_note,
              f"Device: {s['device']}. Total wall time: {s['total_s']:.0f} s. Seeds: data {cfg['data']['seed']} "
              f"(train split `train`, held-out split `val`, per-sample seeds "
              f"`wanjax.data.synthetic.sample_seed(seed, split, i)`), model init {cfg['seed']}, evaluation noise "
