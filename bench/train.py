@@ -14,7 +14,8 @@ that its peak memory is its own. Prints one table: compile time, step time, peak
 model TFLOP per step, MFU.
 
 ``--remat_policy`` (default ``attention``, as configs/distill.py) picks what a rematerialised block
-keeps (``wanjax.models.dit.REMAT_POLICIES``); ``--pose_conv`` the pose stack's 3-D conv form;
+keeps (``wanjax.models.dit.REMAT_POLICIES``) and ``--remat_dots_layers N`` lets the first N blocks keep
+every matmul output instead; ``--pose_conv`` the pose stack's 3-D conv form;
 ``--pose_time_chunk`` (default 0 = whole video, as configs/distill.py) the latent frames per pass of
 the pose stacks; ``--offload`` keeps optimizer state and EMA in pinned host memory (``Trainer(offload=True)``);
 ``--pose_trunk frozen`` keeps the pose stack's trunk out of the gradient (configs/distill.py
@@ -70,6 +71,7 @@ def _models(args, mesh):
         pc = ua.PRESETS[preset]
         pc = pc.replace(dit=pc.dit.replace(dtype=dtype, param_dtype=param_dtype, attention=args.attention,
                                            remat=remat, remat_policy=args.remat_policy,
+                                           remat_dots_layers=args.remat_dots_layers if remat else 0,
                                            max_frames=max(args.frames, pc.dit.max_frames)),
                         pose=dataclasses.replace(pc.pose, remat=remat, time_chunk=args.pose_time_chunk or None,
                                                  train_trunk=args.pose_trunk == "trained"))
@@ -215,7 +217,7 @@ def run_stage(args) -> dict:
             "mfu": flops / step / (peak * n) if peak else None, "loss": loss,
             "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy,
             "pose_conv": args.pose_conv, "pose_time_chunk": args.pose_time_chunk, "offload": args.offload,
-            "pose_trunk": args.pose_trunk,
+            "pose_trunk": args.pose_trunk, "remat_dots_layers": args.remat_dots_layers,
             "memory_gib": mem}
 
 
@@ -235,6 +237,8 @@ def main(argv=None):
                     help="Adam first-moment dtype of the DMD stages (configs/distill.py: bfloat16; '' = fp32)")
     ap.add_argument("--remat_policy", default="attention",
                     help="comma-separated wanjax.models.dit.REMAT_POLICIES to compare (one row each)")
+    ap.add_argument("--remat_dots_layers", type=int, default=0,
+                    help="the first N DiT blocks keep every matmul output (WanDiTConfig.remat_dots_layers)")
     ap.add_argument("--pose_conv", default="3d",
                     help="comma-separated pose-stack conv implementations (3d, fold, auto) to compare")
     ap.add_argument("--pose_trunk", choices=("trained", "frozen"), default="trained",

@@ -161,8 +161,8 @@ def test_remat_policies_keep_the_gradients():
 
     x, t, ctx = _data(6)
 
-    def grads(policy, remat=True, cached=False):
-        m = _model(max_frames=6, remat=remat, remat_policy=policy)
+    def grads(policy, remat=True, cached=False, **kw):
+        m = _model(max_frames=6, remat=remat, remat_policy=policy, **kw)
         gd, st = nnx.split(m)
 
         def loss(s):
@@ -177,10 +177,12 @@ def test_remat_policies_keep_the_gradients():
         return loss, st, jax.value_and_grad(loss)(st)
 
     saved = {}
+    # (policy, remat_dots_layers): the tiny model has 2 blocks, so 1 splits the layer scan in two
+    variants = [(p, 0) for p in dit_lib.REMAT_POLICIES] + [("attention", 1), ("full", 2)]
     for cached in (False, True):
         _, _, (l0, g0) = grads("full", remat=False, cached=cached)
-        for policy in dit_lib.REMAT_POLICIES:
-            loss, st, (l1, g1) = grads(policy, cached=cached)
+        for policy, n_dots in variants:
+            loss, st, (l1, g1) = grads(policy, cached=cached, remat_dots_layers=n_dots)
             # float32 throughout: recomputation replays the same ops, so equal up to XLA fusion order
             assert abs(float(l1) - float(l0)) <= 1e-6 * abs(float(l0))
             for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
@@ -190,11 +192,14 @@ def test_remat_policies_keep_the_gradients():
                 with contextlib.redirect_stdout(buf):
                     print_saved_residuals(loss, st)
                 # per-layer values the layer scan keeps for the backward pass (stacked over layers)
-                saved[policy] = sum("output of scan" in line and "WanDiT.__call__" in line
-                                    for line in buf.getvalue().splitlines())
+                saved[policy if not n_dots else f"{policy}+dots{n_dots}"] = sum(
+                    "output of scan" in line and "scan_layers" in line for line in buf.getvalue().splitlines())
     # full keeps the block inputs only; attention adds the attention output, attention_proj also
     # q/k/v and the projections; dots keeps every matmul output
     assert saved["full"] == 1 and saved["attention"] == 2, saved
     assert saved["attention_proj"] > saved["attention"] and saved["dots"] > saved["attention"], saved
+    # remat_dots_layers: the first blocks' scan keeps what "dots" keeps, the rest what its policy keeps
+    assert saved["attention+dots1"] == saved["dots"] + saved["attention"], saved
+    assert saved["full+dots2"] == saved["dots"], saved
     with pytest.raises(ValueError, match="remat_policy"):
         dit_lib.remat_policy("everything")

@@ -68,10 +68,10 @@ def _preset(name: str, flag: str) -> ua.PoseDiTConfig:
 
 
 def _with_numerics(pcfg: ua.PoseDiTConfig, *, dtype: str, param_dtype: str, attention: str, remat: bool,
-                   remat_policy: str = "full", pose_time_chunk: int | None = None, train_pose_trunk: bool = True,
-                   **dit_over) -> ua.PoseDiTConfig:
+                   remat_policy: str = "full", remat_dots_layers: int = 0, pose_time_chunk: int | None = None,
+                   train_pose_trunk: bool = True, **dit_over) -> ua.PoseDiTConfig:
     dit = pcfg.dit.replace(dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
-                           remat_policy=remat_policy, **dit_over)
+                           remat_policy=remat_policy, remat_dots_layers=remat_dots_layers, **dit_over)
     return pcfg.replace(dit=dit, pose=dataclasses.replace(pcfg.pose, remat=remat, time_chunk=pose_time_chunk or None,
                                                           train_trunk=train_pose_trunk))
 
@@ -80,6 +80,7 @@ def student_config(cfg) -> ua.PoseDiTConfig:
     s = cfg.student
     return _with_numerics(_preset(s.preset, "student.preset"), dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype,
                           attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"),
+                          remat_dots_layers=cfg.get("remat_dots_layers", 0),
                           pose_time_chunk=cfg.get("pose_time_chunk", 0), num_frame_per_block=s.num_frame_per_block,
                           max_frames=s.max_frames, train_pose_trunk=cfg.get("pose_trunk_trainable", True))
 
@@ -188,6 +189,7 @@ def build_critic(cfg, student: ua.PoseDiT) -> ua.PoseDiT:
     name = cfg.critic.preset or cfg.student.preset
     pcfg = _with_numerics(_preset(name, "critic.preset"), dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype,
                           attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"),
+                          remat_dots_layers=cfg.get("remat_dots_layers", 0),
                           pose_time_chunk=cfg.get("pose_time_chunk", 0),
                           train_pose_trunk=cfg.get("pose_trunk_trainable", True))
     critic = ua.PoseDiT(pcfg.replace(pose=student.cfg.pose) if name == cfg.student.preset else pcfg,

@@ -69,6 +69,8 @@ class WanDiTConfig:
     attention: str = "auto"      # xla | cudnn | splash | auto
     remat: bool = False
     remat_policy: str = "full"   # what a rematerialised block keeps (see REMAT_POLICIES)
+    remat_dots_layers: int = 0   # the first N blocks keep every matmul output instead ("dots"): spare memory
+                                 # spent on less recompute (full-sequence forward only)
 
     @property
     def head_dim(self) -> int:
@@ -109,6 +111,7 @@ class WanDiTConfig:
 #   attention_proj  also q / k / v and the self- and cross-attention projections' outputs (only
 #                   the FFN and the elementwise ops are recomputed); + ~6 [L, D] per layer
 #   dots            every matmul output without batch dims (the FFN's 4x-wide hidden too: most memory)
+#                   and the self-attention output as in ``attention``
 REMAT_POLICIES = ("full", "attention", "attention_proj", "dots")
 _SAVED_NAMES = {"attention": ("attn",), "attention_proj": ("attn", "qkv", "attn_proj", "cross_out")}
 
@@ -132,20 +135,38 @@ def remat_policy(name: str, backend: str = "xla"):
     cp = jax.checkpoint_policies
     if name == "full":
         return cp.nothing_saveable
-    if name == "dots":
-        return cp.dots_with_no_batch_dims_saveable
-    names = _SAVED_NAMES[name]
+    names = _SAVED_NAMES.get(name, ("attn",))
     if backend == "cudnn":
         names = tuple(n for n in names if n != "attn")
     by_name = cp.save_only_these_names(*names) if names else cp.nothing_saveable
-    return lambda prim, *args, **params: _is_self_attention_kernel(prim, *args) or by_name(prim, *args, **params)
+    dots = cp.dots_with_no_batch_dims_saveable if name == "dots" else cp.nothing_saveable
+    return lambda prim, *args, **params: (_is_self_attention_kernel(prim, *args) or by_name(prim, *args, **params)
+                                          or dots(prim, *args, **params))
 
 
-def remat(fn, cfg: "WanDiTConfig"):
-    """``fn`` checkpointed per ``cfg.remat`` / ``cfg.remat_policy`` (identity when remat is off)."""
+def remat(fn, cfg: "WanDiTConfig", policy: str | None = None):
+    """``fn`` checkpointed per ``cfg.remat`` / ``cfg.remat_policy`` (or ``policy``); identity when remat
+    is off."""
     if not cfg.remat:
         return fn
-    return jax.checkpoint(fn, prevent_cse=False, policy=remat_policy(cfg.remat_policy, cfg.backend()))
+    return jax.checkpoint(fn, prevent_cse=False, policy=remat_policy(policy or cfg.remat_policy, cfg.backend()))
+
+
+def scan_layers(body, carry, xs, cfg: "WanDiTConfig"):
+    """``lax.scan`` of a per-block ``body`` over the stacked layers ``xs``, rematerialised per ``cfg``.
+    With ``cfg.remat_dots_layers = n`` the first n blocks run under the ``dots`` policy (one scan)
+    and the rest under ``cfg.remat_policy`` (a second scan): the same function, less recompute for
+    the memory the saved matmul outputs take."""
+    n = min(max(int(cfg.remat_dots_layers), 0), cfg.num_layers) if cfg.remat else 0
+    if n == 0 or cfg.remat_policy == "dots":
+        return jax.lax.scan(remat(body, cfg), carry, xs)
+    head = jax.tree.map(lambda a: a[:n], xs)
+    carry, ys_head = jax.lax.scan(remat(body, cfg, "dots"), carry, head)
+    if n == cfg.num_layers:
+        return carry, ys_head
+    tail = jax.tree.map(lambda a: a[n:], xs)
+    carry, ys_tail = jax.lax.scan(remat(body, cfg), carry, tail)
+    return carry, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys_head, ys_tail)
 
 
 def _tag(x, name: str):
@@ -588,8 +609,7 @@ class WanDiT(nnx.Module):
             blk = nnx.merge(gdef, layer_state)
             return blk(h, e0, layer_ckv, cos, sin, spec, backend), None
 
-        body = remat(body, cfg)
-        tok, _ = jax.lax.scan(body, tok, (state, ckv))
+        tok, _ = scan_layers(body, tok, (state, ckv), cfg)
         out = self.head(tok, e, F_)
         return unpatchify(out, grid, cfg.patch, cfg.out_dim)
 

@@ -1,0 +1,132 @@
+"""Block-causal self-attention of the ODE training step, forward + backward, one layer at the real
+shape (21 latent frames x 1,560 tokens, 3-frame blocks, 12 heads x 128): the ways of running it on
+cuDNN, each checked against the library's per-block form and timed. The alternatives live here
+only: ``stacked``, fastest alone, made the whole ODE step slower (its K/V broadcast is rebuilt in
+the rematerialised backward), and ``full_kv`` is no faster alone (docs/PERFORMANCE.md, session 6).
+
+    PYTHONPATH=. python -m bench.attention_train [--heads 12] [--frames 21] [--repeats 20]
+
+Variants (all compute the same function):
+  per_block   the library (wanjax.attention.block_causal_attention): one call per 3-frame block
+              against a sliced, 64-padded copy of its key prefix
+  full_kv     one call per block against the whole once-padded K/V, the prefix given as
+              key_value_seq_lengths (no prefix copies)
+  stacked     one call: the 7 query blocks as a batch of 7 against K/V broadcast to it,
+              key_value_seq_lengths per batch entry
+Rate references (different functions, same tensors): ``dense`` (no mask, 49/28 of the work) and
+``causal`` (token-causal mask, cuDNN's own masking).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.common import print_table
+from wanjax import attention as A
+
+
+def _cudnn_padded(qp, kp, vp, q_len, kv_len):
+    """cuDNN flash attention on already 64-padded arrays with valid lengths ``q_len``, ``kv_len`` ([B])."""
+    return jax.nn.dot_product_attention(qp, kp, vp, implementation="cudnn", query_seq_lengths=q_len,
+                                        key_value_seq_lengths=kv_len)
+
+
+def block_causal_full_kv(q, k, v, spec):
+    """One call per query block against the whole once-padded K/V, its prefix as key_value_seq_lengths."""
+    B, L, H, D = q.shape
+    Tb = spec.tokens_per_frame * spec.frames_per_block
+    kp, vp = A._pad_seq(k, A.CUDNN_SEQ_MULTIPLE), A._pad_seq(v, A.CUDNN_SEQ_MULTIPLE)
+    q_len = jnp.full((B,), Tb, jnp.int32)
+    outs = [_cudnn_padded(A._pad_seq(q[:, b * Tb:(b + 1) * Tb], A.CUDNN_SEQ_MULTIPLE), kp, vp, q_len,
+                          jnp.full((B,), (b + 1) * Tb, jnp.int32))[:, :Tb] for b in range(L // Tb)]
+    return jnp.concatenate(outs, axis=1)
+
+
+def block_causal_stacked(q, k, v, spec):
+    """One call: the query blocks as a batch against K/V broadcast to it, a prefix length per entry."""
+    B, L, H, D = q.shape
+    Tb = spec.tokens_per_frame * spec.frames_per_block
+    nb = L // Tb
+    kp, vp = A._pad_seq(k, A.CUDNN_SEQ_MULTIPLE), A._pad_seq(v, A.CUDNN_SEQ_MULTIPLE)
+    qs = A._pad_seq(q.reshape(B * nb, Tb, H, D), A.CUDNN_SEQ_MULTIPLE)
+    ks, vs = (jnp.broadcast_to(a[:, None], (B, nb) + a.shape[1:]).reshape((B * nb,) + a.shape[1:]) for a in (kp, vp))
+    kv_len = jnp.tile((jnp.arange(nb, dtype=jnp.int32) + 1) * Tb, B)
+    out = _cudnn_padded(qs, ks, vs, jnp.full((B * nb,), Tb, jnp.int32), kv_len)[:, :Tb]
+    return out.reshape(B, L, H, D)
+
+
+def _time(fn, *args, n=20):
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--frames", type=int, default=21)
+    ap.add_argument("--tokens", type=int, default=1560)
+    ap.add_argument("--fpb", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args(argv)
+    T, F, H, D, fpb = args.tokens, args.frames, args.heads, 128, args.fpb
+    L = F * T
+    nb = F // fpb
+    spec = A.BlockCausalSpec(T, fpb)
+    useful = 4 * D * H * sum((b + 1) * (fpb * T) ** 2 for b in range(nb))  # forward FLOPs
+
+    variants = {
+        "per_block": lambda q, k, v: A.block_causal_attention(q, k, v, spec, backend="cudnn"),
+        "full_kv": lambda q, k, v: block_causal_full_kv(q, k, v, spec),
+        "stacked": lambda q, k, v: block_causal_stacked(q, k, v, spec),
+        "dense (ref rate)": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
+        "causal (ref rate)": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn",
+                                                                          is_causal=True),
+    }
+    work = {"dense (ref rate)": 4 * D * H * L * L, "causal (ref rate)": 4 * D * H * L * L / 2}
+    key = jax.random.key(0)
+    rows = [("variant", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "bwd TFLOP/s (2.5x fwd)", "rel err out", "rel err grads")]
+    ref_out = ref_grads = None
+    for name, fn in variants.items():
+        kq, kk, kv, kg, key = jax.random.split(key, 5)
+        # fresh random inputs per variant; the check recomputes the library form on the same inputs
+        q, k, v = (jax.random.normal(x, (1, L, H, D), jnp.float32).astype(jnp.bfloat16) for x in (kq, kk, kv))
+        g = jax.random.normal(kg, (1, L, H, D), jnp.float32).astype(jnp.bfloat16)
+        fwd = jax.jit(fn)
+        fb = jax.jit(lambda q, k, v, g, fn=fn: jax.vjp(fn, q, k, v)[1](g))
+        tf = _time(fwd, q, k, v, n=args.repeats)
+        tb = _time(fb, q, k, v, g, n=args.repeats)
+        flops = work.get(name, useful)
+        err_o = err_g = "-"
+        if "ref rate" not in name:
+            base = variants["per_block"]
+            o_ref = jax.jit(base)(q, k, v).astype(jnp.float32)
+            g_ref = jax.jit(lambda q, k, v, g: jax.vjp(base, q, k, v)[1](g))(q, k, v, g)
+            o = fwd(q, k, v).astype(jnp.float32)
+            gs = fb(q, k, v, g)
+            rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b.astype(jnp.float32))
+                                     / jnp.linalg.norm(b.astype(jnp.float32)))
+            err_o = f"{rel(o, o_ref):.1e}"
+            err_g = " ".join(f"{rel(a, b):.1e}" for a, b in zip(gs, g_ref))
+            finite = all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in (o, *gs))
+            if not finite:
+                err_o += " NaN!"
+        rows.append((name, f"{tf * 1e3:.2f}", f"{flops / tf / 1e12:.0f}", f"{tb * 1e3:.2f}",
+                     f"{2.5 * flops / max(tb - tf, 1e-9) / 1e12:.0f}", err_o, err_g))
+    print_table("attention_train", rows)
+    print(f"device: {jax.devices()[0].device_kind}; L={L} ({F} frames x {T}), {nb} blocks of {fpb} frames, "
+          f"{H} heads x {D}; useful forward {useful / 1e12:.2f} TFLOP")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
