@@ -90,14 +90,18 @@ def hlo_op_names(hlo_text: str, names) -> dict[str, str]:
     """``{instruction name: its op_name metadata}`` for the given names (e.g. the fusions of a
     :func:`device_op_times` list, whose kernels carry their HLO instruction's name) in an optimized
     HLO module's text (``compiled.as_text()``). The op_name is the JAX path of the instruction's root
-    op, with the model's ``jax.named_scope`` names in it; names not found are left out."""
+    op, with the model's ``jax.named_scope`` names in it; names not found are left out. A profile's
+    kernel names spell the HLO's ``fusion.559`` as ``fusion_559``: both match."""
     import re
 
     want, out = set(names), {}
     for line in hlo_text.splitlines():
         m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
-        if not m or m.group(1) not in want or m.group(1) in out:
+        if not m:
+            continue
+        name = next((n for n in (m.group(1), m.group(1).replace(".", "_")) if n in want and n not in out), None)
+        if name is None:
             continue
         op = re.search(r'op_name="([^"]*)"', line)
-        out[m.group(1)] = op.group(1) if op else ""
+        out[name] = op.group(1) if op else ""
     return out
