@@ -204,3 +204,5 @@ def test_remat_policies_keep_the_gradients():
     assert saved["full+dots2"] == saved["dots"], saved
     with pytest.raises(ValueError, match="remat_policy"):
         dit_lib.remat_policy("everything")
+    with pytest.raises(ValueError, match="remat_dots_layers=-1"):
+        dit_lib.scan_layers(lambda c, x: (c, None), 0.0, jnp.zeros(2), _model(remat=True, remat_dots_layers=-1).cfg)

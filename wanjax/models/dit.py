@@ -157,7 +157,10 @@ def scan_layers(body, carry, xs, cfg: "WanDiTConfig"):
     With ``cfg.remat_dots_layers = n`` the first n blocks run under the ``dots`` policy (one scan)
     and the rest under ``cfg.remat_policy`` (a second scan): the same function, less recompute for
     the memory the saved matmul outputs take."""
-    n = min(max(int(cfg.remat_dots_layers), 0), cfg.num_layers) if cfg.remat else 0
+    if cfg.remat_dots_layers < 0:
+        raise ValueError(f"remat_dots_layers={cfg.remat_dots_layers}: must be >= 0 (0 = off; "
+                         f"{cfg.num_layers} or more = every block)")
+    n = min(int(cfg.remat_dots_layers), cfg.num_layers) if cfg.remat else 0
     if n == 0 or cfg.remat_policy == "dots":
         return jax.lax.scan(remat(body, cfg), carry, xs)
     head = jax.tree.map(lambda a: a[:n], xs)
