@@ -43,7 +43,7 @@ def _base() -> ml_collections.ConfigDict:
                                       # (wanjax.models.dit.REMAT_POLICIES). "attention" keeps the cuDNN
                                       # self-attention outputs: ODE step 2.235 -> 2.037 s, +0.6 GiB (H100)
     c.remat_dots_layers = 0           # the first N DiT blocks of the student / critic keep every matmul output
-                                      # ("dots") instead: ~1.2 GiB per block at 480x832 x 21 frames for ~2.5 ms
+                                      # ("dots") instead: ~1.3 GiB per block at 480x832 x 21 frames for ~1-2.5 ms
                                       # less recompute each (docs/PERFORMANCE.md, session 6). Spare memory only
     c.pose_time_chunk = 0             # latent frames per pass of the pose stacks (0: whole video in one pass).
                                       # Exact. Measured on an H100 (21 frames, 480x832) at 3: ODE step 2.02 ->
