@@ -7,23 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bench.common import median_time
 from wanjax import attention as A
-
-
-def _time(fn, *args, n=10):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def main(argv=None):
@@ -60,7 +49,7 @@ def main(argv=None):
             kk = jax.random.normal(key, (1, 21 * Lf, args.heads, D), jnp.bfloat16)
             n = jnp.array([Lk], jnp.int32)
             f = jax.jit(lambda a, b, c, n: A.attention(a, b, c, backend=backend, kv_len=n))
-            t = _time(f, qq, kk, kk, n)
+            t = median_time(f, qq, kk, kk, n)
             tflops = 4 * Lq * Lk * D * args.heads / t / 1e12
             rows.append((f"cache step kv={Lk}", backend, f"{t * 1e3:.2f} ms", f"{tflops:.0f} TFLOP/s"))
     print("\n== bench.attention ==")

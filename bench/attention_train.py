@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from bench.common import print_table
+from bench.common import median_time, print_table
 from wanjax import attention as A
 
 
@@ -58,16 +56,6 @@ def block_causal_stacked(q, k, v, spec):
     kv_len = jnp.tile((jnp.arange(nb, dtype=jnp.int32) + 1) * Tb, B)
     out = _cudnn_padded(qs, ks, vs, jnp.full((B * nb,), Tb, jnp.int32), kv_len)[:, :Tb]
     return out.reshape(B, L, H, D)
-
-
-def _time(fn, *args, n=20):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def main(argv=None):
@@ -103,8 +91,8 @@ def main(argv=None):
         g = jax.random.normal(kg, (1, L, H, D), jnp.float32).astype(jnp.bfloat16)
         fwd = jax.jit(fn)
         fb = jax.jit(lambda q, k, v, g, fn=fn: jax.vjp(fn, q, k, v)[1](g))
-        tf = _time(fwd, q, k, v, n=args.repeats)
-        tb = _time(fb, q, k, v, g, n=args.repeats)
+        tf = median_time(fwd, q, k, v, n=args.repeats)
+        tb = median_time(fb, q, k, v, g, n=args.repeats)
         flops = work.get(name, useful)
         err_o = err_g = "-"
         if "ref rate" not in name:

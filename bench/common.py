@@ -13,6 +13,22 @@ def peak_bytes() -> float | None:
         return None
 
 
+def median_time(fn, *args, n: int = 10) -> float:
+    """Median wall time in seconds of ``fn(*args)`` over ``n`` runs, after one warm-up (compilation)
+    run; each run waits for its device work (``jax.block_until_ready``)."""
+    import time
+
+    import numpy as np
+
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
 def print_table(name: str, rows) -> None:
     """Print ``rows`` of (label, value) under ``== bench.<name> ==``, labels aligned."""
     rows = [tuple(r) for r in rows]
