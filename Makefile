@@ -6,6 +6,9 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 export JAX_PLATFORMS ?= cpu
+# pytest-xdist workers for `make test` (the CI machine has 2 cores; each worker holds one tiny-model
+# test file at a time, a few GiB at most)
+TEST_WORKERS ?= 2
 
 .PHONY: test demo setup clean
 
@@ -19,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
-	$(PYTHON) -m pytest -p no:cacheprovider tests
+	$(PYTHON) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: setup
 	$(PYTHON) -m infer.demo
