@@ -207,6 +207,12 @@ def run_stage(args) -> dict:
 
             prof["op_names"] = hlo_op_names(hlo_text, [r[0] for r in prof["top"]])
         print("PROFILE " + json.dumps(prof), flush=True)
+    determinism = None
+    if args.check_determinism:  # the same step twice from one state: are the results bit-identical?
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        host = jax.device_get(state)
+        del state  # (only the host copy stays: each run gets a fresh device copy, which the step donates)
+        determinism = step_is_deterministic(step, host, shardings)
     flops = next(p for p in trainer.phases if p.name == phase).flops_per_sample * n
     step = float(np.median(times))
     peak = peak_flops_per_device(args.peak_tflops * 1e12 if args.peak_tflops else None)
@@ -218,7 +224,32 @@ def run_stage(args) -> dict:
             "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy,
             "pose_conv": args.pose_conv, "pose_time_chunk": args.pose_time_chunk, "offload": args.offload,
             "pose_trunk": args.pose_trunk, "remat_dots_layers": args.remat_dots_layers,
-            "memory_gib": mem}
+            "memory_gib": mem, "determinism": determinism,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def fingerprint(tree) -> list[int]:
+    """Per leaf, the uint32 sum of its bit patterns (wrapping): exact and independent of the
+    summation order, so two runs agree on it iff (up to a 2^-32 chance) their bits agree."""
+    def fp(x):
+        bits = {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        return jnp.sum(jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32), dtype=jnp.uint32)
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.number) and x.dtype.itemsize in (2, 4)]
+    return [int(v) for v in jax.device_get([fp(x) for x in leaves])]
+
+
+def step_is_deterministic(step, host, shardings) -> dict:
+    """Run ``step`` twice, each time on a fresh device copy (``shardings``) of the host state ``host``
+    (the step donates its input), and compare the new states and the metrics bit for bit."""
+    runs = []
+    for _ in range(2):
+        s, m = step(jax.device_put(host, shardings))
+        runs.append((fingerprint(s), {k: float(v) for k, v in jax.device_get(m).items()}))
+        del s
+    (fa, ma), (fb, mb) = runs
+    differ = sum(a != b for a, b in zip(fa, fb))
+    return {"identical": differ == 0 and ma == mb, "leaves": len(fa), "leaves_differing": differ,
+            "metrics_differing": sorted(k for k in ma if ma[k] != mb.get(k))}
 
 
 def main(argv=None):
@@ -252,6 +283,9 @@ def main(argv=None):
     ap.add_argument("--profile", default="", help="trace one extra step into DIR and report device time per op")
     ap.add_argument("--hlo", default="", help="write the compiled step's optimized HLO text into DIR")
     ap.add_argument("--profile_top", type=int, default=30, help="how many of the longest ops --profile lists")
+    ap.add_argument("--check_determinism", action="store_true",
+                    help="run the step twice from one state and compare the results bit for bit (e.g. with and "
+                         "without XLA_FLAGS=--xla_gpu_deterministic_ops=true)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.only:
@@ -300,6 +334,12 @@ def main(argv=None):
                       f"{r['step_s']:.3f}", f"{r['peak_gib']:.1f}", f"{r['model_tflop']:.1f}",
                       "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"))
     print_table("train", table)
+    for r in rows:
+        if r.get("determinism"):
+            d = r["determinism"]
+            sys.stderr.write(f"determinism ({r['stage']}, XLA_FLAGS={r['xla_flags']!r}): "
+                             f"{'bit-identical' if d['identical'] else 'DIFFERENT'}; {d['leaves_differing']} of "
+                             f"{d['leaves']} state leaves differ; metrics differing: {d['metrics_differing']}\n")
     for label, pr in profiles:  # --profile: where the traced step's device time went
         sys.stderr.write(f"\nprofile of {label}: {pr['total_ms']:.1f} ms of device ops "
                          f"(trace lines: {', '.join(pr.get('lines', [])[:12])})\n")

@@ -6,6 +6,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bench.common import hlo_op_names
 
@@ -35,3 +36,34 @@ def test_hlo_op_names_matches_the_profile_spelling_of_numbered_instructions():
     found = hlo_op_names(text, ["fusion_559", "loop_convert_fusion_4", "fusion_7", "fusion_8"])
     assert found == {"fusion_559": "jit(f)/cross_attn/add_any", "loop_convert_fusion_4": "jit(f)/ffn/convert",
                      "fusion_7": "jit(f)/plain"}
+
+
+def test_determinism_check_tells_identical_from_different_runs():
+    """bench.train --check_determinism: the same step twice from one (donated) state. A pure step is
+    bit-identical; a step that reads a counter outside the state differs, in exactly the leaves and
+    metrics it touches."""
+    from bench.train import fingerprint, step_is_deterministic
+
+    mesh = jax.sharding.Mesh(jax.devices(), ("x",))
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    state = {"w": jax.device_put(jnp.arange(16, dtype=jnp.float32) / 7, sh),
+             "h": jnp.ones((3,), jnp.bfloat16), "step": jnp.zeros((), jnp.int32)}
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {k: v if k == "w" else jax.device_put(v, rep) for k, v in state.items()}
+    host_copy = lambda s: (jax.device_get(s), jax.tree.map(lambda x: x.sharding, s))  # noqa: E731
+    pure = jax.jit(lambda s: ({**s, "w": s["w"] * 1.5 + 1}, {"loss": jnp.sum(s["w"])}), donate_argnums=0)
+    d = step_is_deterministic(pure, *host_copy(state))
+    assert d == {"identical": True, "leaves": 3, "leaves_differing": 0, "metrics_differing": []}
+
+    calls = []
+
+    def noisy(s):  # the second call adds a tiny different number to w and to the loss
+        calls.append(1)
+        eps = jnp.float32(1e-7 * len(calls))
+        return {**s, "w": s["w"] + eps}, {"loss": jnp.sum(s["w"]) + 1e4 * eps, "other": jnp.float32(2)}
+    d = step_is_deterministic(noisy, *host_copy(state))
+    assert d == {"identical": False, "leaves": 3, "leaves_differing": 1, "metrics_differing": ["loss"]}
+    # the fingerprint sees a one-ulp change of one element
+    w = jnp.arange(8, dtype=jnp.float32)
+    assert fingerprint(w) != fingerprint(w.at[3].set(jnp.nextafter(w[3], 10.0)))
+    assert fingerprint(w) == fingerprint(jnp.asarray(np.asarray(w)))

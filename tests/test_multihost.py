@@ -24,10 +24,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int) -> dict:
+# ``WANJAX_MULTIHOST_PLATFORM=gpu`` runs these multi-process tests on real GPUs instead: a process with
+# ``devices`` devices starting at GPU ``first`` sees exactly those (tests/test_multihost.py needs 2
+# GPUs, tests/test_multihost_teacher.py 4). Bit-identity needs XLA's deterministic GPU kernels, so the
+# processes get ``WANJAX_MULTIHOST_XLA_FLAGS`` (default ``--xla_gpu_deterministic_ops=true``); without
+# them both tests differ in the last bits on 4 x H100 (2026-11-26, docs/PERFORMANCE.md).
+#   WANJAX_MULTIHOST_PLATFORM=gpu pytest tests/test_multihost.py tests/test_multihost_teacher.py
+PLATFORM = os.environ.get("WANJAX_MULTIHOST_PLATFORM", "cpu")
+if PLATFORM not in ("cpu", "gpu"):
+    raise ValueError(f"WANJAX_MULTIHOST_PLATFORM={PLATFORM!r}: use cpu (the default) or gpu")
+
+
+def _env(devices: int, first: int = 0) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    path = [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env.update(PYTHONPATH=os.pathsep.join(path), JAX_DISABLE_MOST_OPTIMIZATIONS="true")
+    if PLATFORM == "gpu":
+        env.update(JAX_PLATFORMS="cuda", CUDA_VISIBLE_DEVICES=",".join(map(str, range(first, first + devices))),
+                   XLA_FLAGS=os.environ.get("WANJAX_MULTIHOST_XLA_FLAGS", "--xla_gpu_deterministic_ops=true"))
+    else:
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return env
 
 
@@ -57,7 +73,7 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
         cmd = _cmd(tmp_path / "multi", targets, "--config.distributed.initialize=yes",
                    f"--config.distributed.coordinator_address=localhost:{port}",
                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}")
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(1, first=i), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = []
     for p in procs:

@@ -79,7 +79,7 @@ def _launch(world, manifest: str, out: Path) -> tuple[list[subprocess.Popen], li
     port = _free_port()
     procs = [subprocess.Popen(_cmd(world, manifest, out, f"--config.distributed.coordinator_address=localhost:{port}",
                                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-                              cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=REPO, env=_env(2, first=2 * i), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     return procs, _wait(procs)
 
