@@ -58,6 +58,9 @@ def _base() -> ml_collections.ConfigDict:
                                       # with it (docs/PERFORMANCE.md, session 5), at +3-9% step time
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = distributed_config()  # initialize auto | yes | no, coordinator_address, num_processes, process_id
+    # XLA's deterministic GPU kernels (--xla_gpu_deterministic_ops): a resumed run then equals an uninterrupted
+    # one bit for bit on GPUs too, for ~6% step time (H100, docs/PERFORMANCE.md session 7); CPU/TPU: no effect
+    c.deterministic = False
     c.data = ml_collections.ConfigDict(dict(dir="", seed=0, on_error="stop", prefetch=2, verify=True,
                                             negative_embeds_path=""))
     c.student = ml_collections.ConfigDict(dict(preset="student_1_3b_pose", init="", num_frame_per_block=3,

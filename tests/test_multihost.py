@@ -104,3 +104,30 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # the inference export is left to a one-process run (said in the log), not written half-way
     assert not (tmp_path / "multi" / "export").exists() and "export skipped" in outs[0]
+
+
+def test_deterministic_flag_reaches_xla_before_the_backends_start():
+    """``--config.deterministic``: ``set_deterministic`` appends XLA's deterministic-kernels flag to
+    ``XLA_FLAGS`` (keeping the flags already there) before the backends start; XLA accepts it (an unknown
+    flag would abort the process) and still sees the earlier flag. Once the backends run, asking for it
+    is an error that says to set ``XLA_FLAGS`` instead."""
+    script = """
+import os, jax
+from wanjax.training.distributed import DETERMINISTIC_FLAG, set_deterministic
+assert set_deterministic(False) is False and os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
+assert set_deterministic(True) is True and set_deterministic(True) is False
+assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=3", DETERMINISTIC_FLAG]
+assert jax.device_count() == 3 and float(jax.numpy.ones(4).sum()) == 4.0
+os.environ["XLA_FLAGS"] = ""
+try:
+    set_deterministic(True)
+except RuntimeError as e:
+    assert "XLA_FLAGS" in str(e) and "already started" in str(e), e
+else:
+    raise AssertionError("no error once the backends run")
+print("ok")
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    p = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]

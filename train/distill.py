@@ -41,7 +41,8 @@ def main(argv) -> int:
     from wanjax.training import CheckpointMismatch, DataError
 
     try:
-        from wanjax.training.distributed import init_distributed
+        from wanjax.training.distributed import init_distributed, set_deterministic
+        set_deterministic(cfg.deterministic)  # before anything starts JAX's backends
         init_distributed(cfg.distributed)
         result = run(cfg)
     except (DistillError, CheckpointMismatch, DataError, TargetError, CheckpointError) as e:

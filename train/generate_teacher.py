@@ -81,8 +81,9 @@ def main(argv=None) -> int:
     argv = ["generate_teacher"] + (sys.argv[1:] if argv is None else list(argv))
     try:
         cfg, distributed = parse_config(argv)
-        from wanjax.training.distributed import init_distributed
+        from wanjax.training.distributed import init_distributed, set_deterministic
 
+        set_deterministic(cfg.deterministic)  # before anything starts JAX's backends
         if distributed:  # --distributed: the same as --config.distributed.initialize=yes
             cfg.distributed.initialize = "yes"
         init_distributed(cfg.distributed)
