@@ -14,6 +14,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from wanjax.training.distributed import DETERMINISTIC_FLAG
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2
 
@@ -41,7 +43,7 @@ def _env(devices: int, first: int = 0) -> dict:
     env.update(PYTHONPATH=os.pathsep.join(path), JAX_DISABLE_MOST_OPTIMIZATIONS="true")
     if PLATFORM == "gpu":
         env.update(JAX_PLATFORMS="cuda", CUDA_VISIBLE_DEVICES=",".join(map(str, range(first, first + devices))),
-                   XLA_FLAGS=os.environ.get("WANJAX_MULTIHOST_XLA_FLAGS", "--xla_gpu_deterministic_ops=true"))
+                   XLA_FLAGS=os.environ.get("WANJAX_MULTIHOST_XLA_FLAGS", DETERMINISTIC_FLAG))
     else:
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return env

@@ -113,7 +113,8 @@ class WanDiTConfig:
 #   dots            every matmul output without batch dims (the FFN's 4x-wide hidden too: most memory)
 #                   and the self-attention output as in ``attention``
 REMAT_POLICIES = ("full", "attention", "attention_proj", "dots")
-_SAVED_NAMES = {"attention": ("attn",), "attention_proj": ("attn", "qkv", "attn_proj", "cross_out")}
+_SAVED_NAMES = {"attention": ("attn",), "attention_proj": ("attn", "qkv", "attn_proj", "cross_out"),
+                "dots": ("attn",)}  # (plus every matmul output without batch dims, below)
 
 
 def _is_self_attention_kernel(prim, *avals) -> bool:
@@ -135,7 +136,7 @@ def remat_policy(name: str, backend: str = "xla"):
     cp = jax.checkpoint_policies
     if name == "full":
         return cp.nothing_saveable
-    names = _SAVED_NAMES.get(name, ("attn",))
+    names = _SAVED_NAMES[name]
     if backend == "cudnn":
         names = tuple(n for n in names if n != "attn")
     by_name = cp.save_only_these_names(*names) if names else cp.nothing_saveable
