@@ -14,7 +14,11 @@ Variants (all compute the same function):
   stacked     one call: the 7 query blocks as a batch of 7 against K/V broadcast to it,
               key_value_seq_lengths per batch entry
 Rate references (different functions, same tensors): ``dense`` (no mask, 49/28 of the work) and
-``causal`` (token-causal mask, cuDNN's own masking).
+``causal`` (token-causal mask, cuDNN's own masking). ``--mgpu`` adds jax's own Mosaic-GPU flash
+kernel (``jax.experimental.pallas.ops.gpu.attention_mgpu``, FA3-style, dense only: it has no causal
+backward) as a further rate reference, to judge a custom block-causal kernel built the same way. Its
+backward is float16-only, so those rows run float16 inputs at L rounded up to a multiple of 128, and
+are checked against cuDNN dense on the same inputs.
 """
 from __future__ import annotations
 
@@ -58,6 +62,20 @@ def block_causal_stacked(q, k, v, spec):
     return out.reshape(B, L, H, D)
 
 
+# (block_q, block_kv) forward; (block_q_dkv, block_kv_dkv, block_q_dq, block_kv_dq, compute warpgroups) backward
+MGPU_CONFIGS = {"mgpu dense (ref rate) a": (64, 128, (64, 64, 64, 64, 2)),
+                "mgpu dense (ref rate) b": (64, 128, (128, 64, 64, 128, 2))}
+
+
+def mgpu_variant(block_q, block_kv, bwd, scale):
+    """jax's Mosaic-GPU attention (no mask) with the softmax scale folded into q (it applies none)."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+    cfg = attention_mgpu.TuningConfig(block_q=block_q, block_kv=block_kv, max_concurrent_steps=2,
+                                      block_q_dkv=bwd[0], block_kv_dkv=bwd[1], block_q_dq=bwd[2],
+                                      block_kv_dq=bwd[3], compute_wgs_bwd=bwd[4])
+    return lambda q, k, v: attention_mgpu.attention((q * scale).astype(q.dtype), k, v, cfg)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--heads", type=int, default=12)
@@ -65,6 +83,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=1560)
     ap.add_argument("--fpb", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--mgpu", action="store_true", help="add jax's Mosaic-GPU kernel as a rate reference")
     args = ap.parse_args(argv)
     T, F, H, D, fpb = args.tokens, args.frames, args.heads, 128, args.fpb
     L = F * T
@@ -81,22 +100,29 @@ def main(argv=None):
                                                                           is_causal=True),
     }
     work = {"dense (ref rate)": 4 * D * H * L * L, "causal (ref rate)": 4 * D * H * L * L / 2}
+    Lm = -(-L // 128) * 128
+    if args.mgpu:
+        for name, (bq, bkv, bwd) in MGPU_CONFIGS.items():
+            variants[name] = mgpu_variant(bq, bkv, bwd, D ** -0.5)
+            work[name] = 4 * D * H * Lm * Lm
     key = jax.random.key(0)
     rows = [("variant", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "bwd TFLOP/s (2.5x fwd)", "rel err out", "rel err grads")]
     ref_out = ref_grads = None
     for name, fn in variants.items():
         kq, kk, kv, kg, key = jax.random.split(key, 5)
         # fresh random inputs per variant; the check recomputes the library form on the same inputs
-        q, k, v = (jax.random.normal(x, (1, L, H, D), jnp.float32).astype(jnp.bfloat16) for x in (kq, kk, kv))
-        g = jax.random.normal(kg, (1, L, H, D), jnp.float32).astype(jnp.bfloat16)
+        mg = name.startswith("mgpu")
+        shape, dt = ((1, Lm, H, D), jnp.float16) if mg else ((1, L, H, D), jnp.bfloat16)
+        q, k, v = (jax.random.normal(x, shape, jnp.float32).astype(dt) for x in (kq, kk, kv))
+        g = jax.random.normal(kg, shape, jnp.float32).astype(dt)
         fwd = jax.jit(fn)
         fb = jax.jit(lambda q, k, v, g, fn=fn: jax.vjp(fn, q, k, v)[1](g))
         tf = median_time(fwd, q, k, v, n=args.repeats)
         tb = median_time(fb, q, k, v, g, n=args.repeats)
         flops = work.get(name, useful)
         err_o = err_g = "-"
-        if "ref rate" not in name:
-            base = variants["per_block"]
+        if "ref rate" not in name or mg:
+            base = variants["dense (ref rate)"] if mg else variants["per_block"]
             o_ref = jax.jit(base)(q, k, v).astype(jnp.float32)
             g_ref = jax.jit(lambda q, k, v, g: jax.vjp(base, q, k, v)[1](g))(q, k, v, g)
             o = fwd(q, k, v).astype(jnp.float32)
