@@ -1,7 +1,11 @@
-"""Shared bench helpers: device peak memory and the one-table printout every bench ends with."""
+"""Shared bench helpers: device peak memory, median timing, the one-table printout every bench ends
+with, and reading profiles and optimized HLO."""
 from __future__ import annotations
 
+import time
+
 import jax
+import numpy as np
 
 
 def peak_bytes() -> float | None:
@@ -16,10 +20,6 @@ def peak_bytes() -> float | None:
 def median_time(fn, *args, n: int = 10) -> float:
     """Median wall time in seconds of ``fn(*args)`` over ``n`` runs, after one warm-up (compilation)
     run; each run waits for its device work (``jax.block_until_ready``)."""
-    import time
-
-    import numpy as np
-
     jax.block_until_ready(fn(*args))
     ts = []
     for _ in range(n):
