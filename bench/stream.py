@@ -55,6 +55,8 @@ def main(argv=None):
     ap.add_argument("--sink-size", type=int, default=0)
     ap.add_argument("--vae-chunk", type=int, default=1, help="latent frames per VAE decoder pass (0: whole block)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--residual-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the DiT's residual-stream storage (WanDiTConfig.residual_dtype)")
     ap.add_argument("--memory-report", default="", help="directory: write XLA memory analysis + HLO of "
                     "the block and VAE executables there")
     args = ap.parse_args(argv)
@@ -62,7 +64,8 @@ def main(argv=None):
     F = latent_frames(N)
     rolling = args.local_attn_size != -1
     model = random_student(args.preset, max_frames=F if not rolling else 21,
-                           local_attn_size=args.local_attn_size, sink_size=args.sink_size)
+                           local_attn_size=args.local_attn_size, sink_size=args.sink_size,
+                           residual_dtype=args.residual_dtype)
     dcfg = model.cfg.dit
     vcfg = VAEConfig.tiny(z_dim=16) if args.vae == "tiny" else get_vae_config(args.vae)
     vae = init_vae(vcfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -90,8 +93,8 @@ def main(argv=None):
     window = args.local_attn_size if rolling else F
     steady = [b for b in blocks if b["start_frame"] >= window and b["block"] < len(blocks) - 1]
     rows = [("device", str(jax.devices()[0].device_kind)),
-            ("model", f"{args.preset} (random {dcfg.dtype}), attention={dcfg.backend()}, VAE {args.vae} bf16, "
-                      f"vae_chunk={args.vae_chunk or 'block'}"),
+            ("model", f"{args.preset} (random {dcfg.dtype}, residual {dcfg.residual_dtype}), "
+                      f"attention={dcfg.backend()}, VAE {args.vae} bf16, vae_chunk={args.vae_chunk or 'block'}"),
             ("frames", f"{nframes} at {H}x{W} ({F} latent frames, {len(blocks)} blocks of {nfb})"),
             ("cache", f"rolling: local_attn_size={args.local_attn_size}, sink_size={args.sink_size}" if rolling
              else f"full: max_frames={F}"),

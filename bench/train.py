@@ -72,6 +72,7 @@ def _models(args, mesh):
         pc = pc.replace(dit=pc.dit.replace(dtype=dtype, param_dtype=param_dtype, attention=args.attention,
                                            remat=remat, remat_policy=args.remat_policy,
                                            remat_dots_layers=args.remat_dots_layers if remat else 0,
+                                           residual_dtype=args.residual_dtype if remat else "float32",
                                            max_frames=max(args.frames, pc.dit.max_frames)),
                         pose=dataclasses.replace(pc.pose, remat=remat, time_chunk=args.pose_time_chunk or None,
                                                  train_trunk=args.pose_trunk == "trained"))
@@ -224,6 +225,7 @@ def run_stage(args) -> dict:
             "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy,
             "pose_conv": args.pose_conv, "pose_time_chunk": args.pose_time_chunk, "offload": args.offload,
             "pose_trunk": args.pose_trunk, "remat_dots_layers": args.remat_dots_layers,
+            "residual_dtype": args.residual_dtype,
             "memory_gib": mem, "determinism": determinism,
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
@@ -270,6 +272,8 @@ def main(argv=None):
                     help="comma-separated wanjax.models.dit.REMAT_POLICIES to compare (one row each)")
     ap.add_argument("--remat_dots_layers", type=int, default=0,
                     help="the first N DiT blocks keep every matmul output (WanDiTConfig.remat_dots_layers)")
+    ap.add_argument("--residual_dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the trained models' residual-stream storage (WanDiTConfig.residual_dtype)")
     ap.add_argument("--pose_conv", default="3d",
                     help="comma-separated pose-stack conv implementations (3d, fold, auto) to compare")
     ap.add_argument("--pose_trunk", choices=("trained", "frozen"), default="trained",

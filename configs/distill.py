@@ -45,6 +45,10 @@ def _base() -> ml_collections.ConfigDict:
     c.remat_dots_layers = 0           # the first N DiT blocks of the student / critic keep every matmul output
                                       # ("dots") instead: ~1.3 GiB per block at 480x832 x 21 frames for ~1-2.5 ms
                                       # less recompute each (docs/PERFORMANCE.md, session 6). Spare memory only
+    c.residual_dtype = "float32"      # the student's / critic's residual-stream storage: float32 (upstream Wan) or
+                                      # bfloat16 (diffusers' layout; Self-Forcing trains with every add in bf16).
+                                      # The adds still run in fp32. H100 ODE step: 1.750 -> 1.727 s, -2 GiB
+                                      # (docs/PERFORMANCE.md, session 9)
     c.pose_time_chunk = 0             # latent frames per pass of the pose stacks (0: whole video in one pass).
                                       # Exact. Measured on an H100 (21 frames, 480x832) at 3: ODE step 2.02 ->
                                       # 2.52 s and the DMD generator's temporaries 32.6 -> 40.0 GiB, so off

@@ -42,6 +42,8 @@ def _base() -> ml_collections.ConfigDict:
     c.fps = 16.0
     c.attention = "auto"              # xla | cudnn | splash | auto
     c.dtype = "bfloat16"              # DiT compute/param dtype
+    c.residual_dtype = ""             # DiT residual-stream storage: "" = the checkpoint's (float32 unless trained
+                                      # with bfloat16), or float32 | bfloat16 (WanDiTConfig.residual_dtype)
     c.vae_dtype = "float32"
     c.t5_dtype = "bfloat16"
     c.sampler = ml_collections.ConfigDict(dict(name="euler", steps=50, shift=5.0, cfg_scale=1.5,

@@ -206,3 +206,50 @@ def test_remat_policies_keep_the_gradients():
         dit_lib.remat_policy("everything")
     with pytest.raises(ValueError, match="remat_dots_layers=-1"):
         dit_lib.scan_layers(lambda c, x: (c, None), 0.0, jnp.zeros(2), _model(remat=True, remat_dots_layers=-1).cfg)
+
+
+def test_bf16_residual_stream_cached_full_and_gradients():
+    """``residual_dtype="bfloat16"`` (the stream stored in bf16, adds in fp32): the tokens the layer
+    scan carries are bf16; the KV-cached blocks still equal the block-masked forward; and the
+    gradients stay those of the float32 stream up to its rounding. Tolerances: cached vs full do the
+    same fp32 ops, but a ~1e-7 difference before a bf16 rounding can flip one element by one bf16 ulp
+    (2^-8 relative), which moves the output by up to ~1e-3 of its scale, so 2e-3 (measured: 5e-7).
+    Gradients: the 7 roundings of the stream (the embedding, then 3 adds per block x 2 blocks) each
+    contribute <= 2^-9 relative error, ~3e-3 in quadrature; 1.5e-2 leaves room for amplification
+    through the backward (measured: 4e-3). Remat replays identical bf16 roundings,
+    so the policies must still agree exactly."""
+    x, t, ctx = _data(9)
+    m = _model(max_frames=9, residual_dtype="bfloat16")
+    assert m.embed_tokens(x)[0].dtype == jnp.bfloat16
+    ckv = m.context_kv(ctx)
+    full = m(x, t, ckv=ckv, causal=True)
+    assert full.dtype == jnp.float32
+    cached = _run_cached(m, x, t, ckv, 3)
+    scale = float(jnp.abs(full).max())
+    assert float(jnp.abs(full - cached).max()) <= 2e-3 * scale
+    ref = _model(max_frames=9)(x, t, ckv=ckv, causal=True)
+    assert float(jnp.abs(full - ref).max()) > 1e-5 * scale   # the rounding is really there
+
+    x, t, ctx = _data(6)
+
+    def grads(residual, policy):
+        mm = _model(max_frames=6, remat=True, remat_policy=policy, residual_dtype=residual)
+        gd, st = nnx.split(mm)
+
+        def loss(s):
+            mo = nnx.merge(gd, s)
+            return jnp.mean(mo(x, t, ckv=mo.context_kv(ctx), causal=True) ** 2)
+
+        lval, g = jax.value_and_grad(loss)(st)
+        return float(lval), np.concatenate([np.ravel(np.asarray(v)) for v in jax.tree.leaves(g)])
+
+    l32, g32 = grads("float32", "attention")
+    l16, g16 = grads("bfloat16", "attention")
+    l16f, g16f = grads("bfloat16", "full")
+    assert np.isfinite(g16).all()
+    assert 1e-5 < np.linalg.norm(g16 - g32) / np.linalg.norm(g32) <= 1.5e-2
+    assert abs(l16 - l32) <= 1e-2 * abs(l32)
+    assert l16f == l16
+    np.testing.assert_allclose(g16f, g16, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"residual_dtype='float16'.*choose one of"):
+        _model(residual_dtype="float16")

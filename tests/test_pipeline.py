@@ -191,6 +191,11 @@ def test_reference_per_conditioning_mode(student, student_root):
     no_pose = P.PoseDiT(model.dit, None)
     with pytest.raises(P.PipelineError, match="needs pose weights"):
         P.check_mode("pose+image", no_pose)
+    # the DiT's residual-stream storage: the checkpoint's by default, overridable, checked by name
+    assert model.dit.cfg.residual_dtype == "float32"
+    assert P.load_dit(tiny_cfg(student_root, residual_dtype="bfloat16")).cfg.residual_dtype == "bfloat16"
+    with pytest.raises(P.PipelineError, match=r"--config\.residual_dtype='fp8'.*choose one of"):
+        P.load_dit(tiny_cfg(student_root, residual_dtype="fp8"))
 
 
 @pytest.fixture(scope="module")

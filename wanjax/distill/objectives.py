@@ -43,7 +43,7 @@ import wanjax  # noqa: F401
 from wanjax import sharding as shd
 from wanjax.distill import dmd, ode
 from wanjax.models import unianimate as ua
-from wanjax.models.dit import WanDiTConfig
+from wanjax.models.dit import RESIDUAL_DTYPES, WanDiTConfig
 from wanjax.models.pose import PoseConfig, frozen_params
 from wanjax.training import ckpt as ckpt_lib
 from wanjax.training import loop as loop_lib
@@ -76,11 +76,19 @@ def _with_numerics(pcfg: ua.PoseDiTConfig, *, dtype: str, param_dtype: str, atte
                                                           train_trunk=train_pose_trunk))
 
 
+def _residual_dtype(cfg) -> str:
+    name = cfg.get("residual_dtype", "float32")
+    if name not in RESIDUAL_DTYPES:
+        raise DistillError(f"--config.residual_dtype={name!r}: choose one of {RESIDUAL_DTYPES}")
+    return name
+
+
 def student_config(cfg) -> ua.PoseDiTConfig:
     s = cfg.student
     return _with_numerics(_preset(s.preset, "student.preset"), dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype,
                           attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"),
                           remat_dots_layers=cfg.get("remat_dots_layers", 0),
+                          residual_dtype=_residual_dtype(cfg),
                           pose_time_chunk=cfg.get("pose_time_chunk", 0), num_frame_per_block=s.num_frame_per_block,
                           max_frames=s.max_frames, train_pose_trunk=cfg.get("pose_trunk_trainable", True))
 
@@ -190,6 +198,7 @@ def build_critic(cfg, student: ua.PoseDiT) -> ua.PoseDiT:
     pcfg = _with_numerics(_preset(name, "critic.preset"), dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype,
                           attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"),
                           remat_dots_layers=cfg.get("remat_dots_layers", 0),
+                          residual_dtype=_residual_dtype(cfg),
                           pose_time_chunk=cfg.get("pose_time_chunk", 0),
                           train_pose_trunk=cfg.get("pose_trunk_trainable", True))
     critic = ua.PoseDiT(pcfg.replace(pose=student.cfg.pose) if name == cfg.student.preset else pcfg,

@@ -15,7 +15,12 @@ Precision policy (``dtype`` = compute dtype, ``param_dtype`` = storage):
 - float32 is kept for: the timestep sinusoid and time MLP, the modulation tables and all
   shift/scale/gate arithmetic, LayerNorm/RMSNorm statistics, the RoPE rotation, the softmax, the
   residual stream (as in the original Wan, whose residual becomes fp32 after the first gated add),
-  and the output head.
+  and the output head;
+- ``residual_dtype="bfloat16"`` stores the residual stream in bf16 between the ops instead, as
+  diffusers does in bf16 (and Self-Forcing, which runs every add in bf16): each norm, modulation,
+  gate and add still computes in fp32 and rounds its result once. That halves the bytes the stream
+  itself moves and keeps (saved layer inputs); on an H100 the ODE step is ~1% faster
+  (docs/PERFORMANCE.md, session 9).
 
 Causal mode: ``forward(..., causal=True)`` applies the block-causal mask of
 ``num_frame_per_block`` frames (optionally windowed with sinks) over the whole sequence, for
@@ -43,6 +48,9 @@ F32 = jnp.float32
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
+RESIDUAL_DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class WanDiTConfig:
     dim: int = 1536
@@ -66,11 +74,17 @@ class WanDiTConfig:
     # numerics / kernels
     dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
+    residual_dtype: str = "float32"  # storage of the residual stream between the ops: float32 (upstream Wan) or
+                                     # bfloat16 (diffusers' and Self-Forcing's layout; the adds still run in fp32)
     attention: str = "auto"      # xla | cudnn | splash | auto
     remat: bool = False
     remat_policy: str = "full"   # what a rematerialised block keeps (see REMAT_POLICIES)
     remat_dots_layers: int = 0   # the first N blocks keep every matmul output instead ("dots"): spare memory
                                  # spent on less recompute (full-sequence forward only)
+
+    def __post_init__(self):
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"WanDiTConfig.residual_dtype={self.residual_dtype!r}: choose one of {RESIDUAL_DTYPES}")
 
     @property
     def head_dim(self) -> int:
@@ -79,6 +93,11 @@ class WanDiTConfig:
     @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
+
+    @property
+    def residual(self):
+        """The residual stream's storage dtype (``residual_dtype``)."""
+        return jnp.dtype(self.residual_dtype)
 
     def backend(self) -> str:
         return attn_lib.default_backend() if self.attention == "auto" else attn_lib.check_backend(self.attention)
@@ -288,6 +307,11 @@ def _gate(y: jax.Array, gate: jax.Array, num_frames: int) -> jax.Array:
     return (_per_frame(y.astype(F32), num_frames) * gate[:, :, None]).reshape(y.shape)
 
 
+def _add(x: jax.Array, branch: jax.Array) -> jax.Array:
+    """Residual add in float32, stored back in the stream's dtype (a no-op cast for float32)."""
+    return (x.astype(F32) + branch.astype(F32)).astype(x.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
@@ -429,24 +453,25 @@ class Block(nnx.Module):
         cdt = self.cfg.compute_dtype
         sh_sa, sc_sa, g_sa, sh_ff, sc_ff, g_ff = self._mods(e0)
         eps = self.cfg.eps
+        # x may be stored in bf16 (cfg.residual_dtype): norms, modulation, gates and adds read it as fp32
         with jax.named_scope("norm_modulate_sa"):
-            h = _modulate(layer_norm(x, eps), sh_sa, sc_sa, F_).astype(cdt)
+            h = _modulate(layer_norm(x.astype(F32), eps), sh_sa, sc_sa, F_).astype(cdt)
         with jax.named_scope("self_attn"):
             y, aux = self_attn_fn(h)
         with jax.named_scope("gate_sa"):
-            x = x + _gate(y, g_sa, F_)
+            x = _add(x, _gate(y, g_sa, F_))
         with jax.named_scope("cross_attn"):
-            x = x + _tag(self.cross_attn(self.norm3(x).astype(cdt), ckv, backend), "cross_out").astype(F32)
+            x = _add(x, _tag(self.cross_attn(self.norm3(x.astype(F32)).astype(cdt), ckv, backend), "cross_out"))
         with jax.named_scope("norm_modulate_ffn"):
-            h = _modulate(layer_norm(x, eps), sh_ff, sc_ff, F_).astype(cdt)
+            h = _modulate(layer_norm(x.astype(F32), eps), sh_ff, sc_ff, F_).astype(cdt)
         with jax.named_scope("ffn"):
             y = self.ffn(h)
         with jax.named_scope("gate_ffn"):
-            x = x + _gate(y, g_ff, F_)
+            x = _add(x, _gate(y, g_ff, F_))
         return x, aux
 
     def __call__(self, x, e0, ckv: CrossKV, cos, sin, spec: attn_lib.BlockCausalSpec, backend: str):
-        """Full-sequence forward. x [B, L, D] fp32, e0 [B, F, 6, D]."""
+        """Full-sequence forward. x [B, L, D] (``cfg.residual_dtype``), e0 [B, F, 6, D] fp32."""
         F_ = e0.shape[1]
 
         def sa(h):
@@ -553,7 +578,7 @@ class WanDiT(nnx.Module):
         return e, e0.reshape(e0.shape[:-1] + (6, self.cfg.dim))
 
     def embed_tokens(self, x, y=None, pose=None):
-        """x [B, F, H, W, C] (+ y, + pose tokens [B, F, h, w, D]) -> tokens [B, L, D] fp32, grid."""
+        """x [B, F, H, W, C] (+ y, + pose tokens [B, F, h, w, D]) -> tokens [B, L, D] (residual dtype), grid."""
         cfg = self.cfg
         if y is not None:
             x = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
@@ -567,7 +592,7 @@ class WanDiT(nnx.Module):
             if pose.shape[:4] != (B,) + grid or pose.shape[-1] != cfg.dim:
                 raise ValueError(f"pose tokens have shape {pose.shape}, expected {(B,) + grid + (cfg.dim,)}")
             tok = tok + pose.reshape(B, -1, cfg.dim).astype(F32)
-        return tok, grid
+        return tok.astype(cfg.residual), grid
 
     def context_kv(self, context: jax.Array, clip_fea: jax.Array | None = None) -> CrossKV:
         """Text [B, 512, text_dim] (+ CLIP [B, N, 1280]) -> stacked per-layer CrossKV

@@ -315,6 +315,11 @@ def load_dit(cfg, mesh=None) -> dit_lib.WanDiT:
     over = dict(dtype=cfg.dtype, param_dtype=cfg.dtype, attention=cfg.attention,
                 num_frame_per_block=cfg.model.num_frame_per_block, local_attn_size=cfg.model.local_attn_size,
                 sink_size=cfg.model.sink_size, max_frames=cfg.model.max_frames)
+    if cfg.get("residual_dtype"):
+        if cfg.residual_dtype not in dit_lib.RESIDUAL_DTYPES:
+            raise PipelineError(f"--config.residual_dtype={cfg.residual_dtype!r}: choose one of "
+                                f"{dit_lib.RESIDUAL_DTYPES}, or '' for the checkpoint's")
+        over["residual_dtype"] = cfg.residual_dtype
     dcfg = base.replace(**over)
     return load_model(d, lambda _c, rngs: dit_lib.WanDiT(dcfg, rngs=rngs), mesh, dtype=jnp.dtype(cfg.dtype))
 
