@@ -28,6 +28,7 @@ from flax import nnx
 import wanjax  # noqa: F401
 from bench.common import peak_bytes, print_table
 from wanjax.models import unianimate as ua
+from wanjax.models.dit import RESIDUAL_DTYPES
 from wanjax.models.vae import VAEConfig, get_vae_config, init_vae
 from wanjax.pipeline import Reference, latent_frames
 from wanjax.pipeline.student import StudentPipeline
@@ -55,7 +56,7 @@ def main(argv=None):
     ap.add_argument("--sink-size", type=int, default=0)
     ap.add_argument("--vae-chunk", type=int, default=1, help="latent frames per VAE decoder pass (0: whole block)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--residual-dtype", default="float32", choices=("float32", "bfloat16"),
+    ap.add_argument("--residual-dtype", default="float32", choices=RESIDUAL_DTYPES,
                     help="the DiT's residual-stream storage (WanDiTConfig.residual_dtype)")
     ap.add_argument("--memory-report", default="", help="directory: write XLA memory analysis + HLO of "
                     "the block and VAE executables there")

@@ -57,6 +57,7 @@ from flax import nnx
 import wanjax  # noqa: F401
 from bench.common import peak_bytes, print_table
 from wanjax import sharding as shd
+from wanjax.models.dit import RESIDUAL_DTYPES
 
 STAGES = ("ode", "generator", "critic")
 
@@ -272,7 +273,7 @@ def main(argv=None):
                     help="comma-separated wanjax.models.dit.REMAT_POLICIES to compare (one row each)")
     ap.add_argument("--remat_dots_layers", type=int, default=0,
                     help="the first N DiT blocks keep every matmul output (WanDiTConfig.remat_dots_layers)")
-    ap.add_argument("--residual_dtype", default="float32", choices=("float32", "bfloat16"),
+    ap.add_argument("--residual_dtype", default="float32", choices=RESIDUAL_DTYPES,
                     help="the trained models' residual-stream storage (WanDiTConfig.residual_dtype)")
     ap.add_argument("--pose_conv", default="3d",
                     help="comma-separated pose-stack conv implementations (3d, fold, auto) to compare")
