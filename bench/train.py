@@ -19,9 +19,17 @@ every matmul output instead; ``--pose_conv`` the pose stack's 3-D conv form;
 ``--pose_time_chunk`` (default 0 = whole video, as configs/distill.py) the latent frames per pass of
 the pose stacks; ``--offload`` keeps optimizer state and EMA in pinned host memory (``Trainer(offload=True)``);
 ``--pose_trunk frozen`` keeps the pose stack's trunk out of the gradient (configs/distill.py
-``pose_trunk_trainable=False``; its FLOPs then count once, forward only). ``--profile DIR`` traces one
+``pose_trunk_trainable=False``; its FLOPs then count once, forward only); ``--pose_trunk cached`` also
+gives the batch the trunk's precomputed features instead of the pose frames (configs/distill.py
+``pose_trunk_cached``; the trunk neither runs nor counts). ``--profile DIR`` traces one
 more step and lists the ``--profile_top`` longest kernels; ``--hlo DIR`` writes the compiled step's
 optimized HLO, which names the source of each fusion in such a list.
+
+Two step times: "step" is the median of ``--repeats`` steps each dispatched and waited for alone, so
+it includes the host's dispatch and the batch's host-to-device copy; "pipelined" is the mean over
+``--pipelined`` steps dispatched back to back and waited for once, the steady state that
+``train.distill`` runs (it fetches metrics only every ``log_every`` steps) and reports as
+``step_time_s`` / ``mfu``.
 
 MFU = model FLOPs of the step / (step time x devices x peak bf16 FLOP/s per device). Model FLOPs
 (``wanjax.training.dit_forward_flops`` + ``pose_encoder_flops`` / ``pose_train_flops``; matmuls and
@@ -103,7 +111,7 @@ def _models(args, mesh):
     return student, critic, teacher
 
 
-def _batch(args, n: int, dcfg) -> dict:
+def _batch(args, n: int, dcfg, pose_hidden: int = 16) -> dict:
     rng = np.random.default_rng(0)
     F, H, W = args.frames, args.height, args.width
     h, w = H // 8, W // 8
@@ -113,6 +121,9 @@ def _batch(args, n: int, dcfg) -> dict:
          "ref_y": f32(n, F, h, w, 20),
          "ref_pose": rng.random((n, H, W, 3), dtype=np.float32),
          "pose": rng.integers(0, 255, (n, T, H, W, 3), dtype=np.uint8)}
+    if args.pose_trunk == "cached":  # the frozen trunk's features, precomputed per sample, instead of the frames
+        del b["pose"]
+        b["pose_trunk"] = rng.random((n, F, h, w, pose_hidden), dtype=np.float32)
     if args.stage == "ode":
         from wanjax import sampling
         _, sig = sampling.student_schedule()
@@ -134,13 +145,14 @@ def run_stage(args) -> dict:
     n = len(jax.devices())
     t0 = time.perf_counter()
     student, critic, teacher = _models(args, mesh)
-    batch = _batch(args, n, student.cfg.dit)
+    batch = _batch(args, n, student.cfg.dit, student.cfg.pose.hidden)
     sample = {k: v[0] for k, v in batch.items()}
     if args.stage == "ode":
         F, T = args.frames, (args.height // 16) * (args.width // 16)
         flops = 3 * dit_forward_flops(student.cfg.dit, F, T, frames_per_block=student.cfg.dit.num_frame_per_block,
                                       image_tokens=257) + pose_train_flops(student.cfg.pose, 4 * (F - 1) + 1,
-                                                                           args.height, args.width)
+                                                                           args.height, args.width,
+                                                                           cached_trunk=args.pose_trunk == "cached")
         phases = [Phase("ode", "student", lambda m, b, k: ode.ode_loss(m, b, k), flops_per_sample=flops)]
         opt = make_optimizer(2e-5, frozen=frozen_params(student.cfg.pose))
         trainer = Trainer({"student": student}, {"student": opt}, phases, mesh, ema={"student": EMAConfig(0.99, 0)},
@@ -150,7 +162,7 @@ def run_stage(args) -> dict:
         ns = types.SimpleNamespace
         cfg = ns(dmd=ns(steps=(1000, 750, 500, 250), shift=5.0, score_shift=8.0, guidance_scale=3.0,
                         context_sigma=0.0, last_step_only=False, gen_update_ratio=1),
-                 ode=ns(pose_drop=0.05, image_drop=0.10))
+                 ode=ns(pose_drop=0.05, image_drop=0.10), pose_trunk_cached=args.pose_trunk == "cached")
         phases = objectives.dmd_phases(cfg, student, teacher, critic, sample)
         opt = lambda lr, m: make_optimizer(lr, b1=0.0, b2=0.999, mu_dtype=args.dmd_mu_dtype or None,
                                            frozen=frozen_params(m.cfg.pose))
@@ -195,6 +207,11 @@ def run_stage(args) -> dict:
         state, m = step(state)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
+    pipelined = None
+    if args.pipelined:
+        from bench.common import pipelined_time
+
+        state, pipelined, m = pipelined_time(step, state, args.pipelined)
     prof = None
     if args.profile:  # one more step under the profiler: device time per XLA op and per category
         from bench.common import device_op_times
@@ -223,6 +240,8 @@ def run_stage(args) -> dict:
             "compile_and_first_s": t_first, "step_s": step, "steps_s": times,
             "peak_gib": (peak_bytes() or 0) / 2 ** 30, "model_tflop": flops / 1e12,
             "mfu": flops / step / (peak * n) if peak else None, "loss": loss,
+            "pipelined_step_s": pipelined,
+            "pipelined_mfu": flops / pipelined / (peak * n) if peak and pipelined else None,
             "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy,
             "pose_conv": args.pose_conv, "pose_time_chunk": args.pose_time_chunk, "offload": args.offload,
             "pose_trunk": args.pose_trunk, "remat_dots_layers": args.remat_dots_layers,
@@ -266,6 +285,9 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=21, help="latent frames")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pipelined", type=int, default=5,
+                    help="also time N steps dispatched back to back, waited for once (as train.distill runs "
+                         "between log steps: dispatch and the batch copy overlap the previous step); 0: off")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak (0: from the device kind)")
     ap.add_argument("--dmd_mu_dtype", default="bfloat16",
                     help="Adam first-moment dtype of the DMD stages (configs/distill.py: bfloat16; '' = fp32)")
@@ -277,8 +299,9 @@ def main(argv=None):
                     help="the trained models' residual-stream storage (WanDiTConfig.residual_dtype)")
     ap.add_argument("--pose_conv", default="3d",
                     help="comma-separated pose-stack conv implementations (3d, fold, auto) to compare")
-    ap.add_argument("--pose_trunk", choices=("trained", "frozen"), default="trained",
-                    help="frozen: the pose stack's trunk gets no gradient (configs/distill.py pose_trunk_trainable)")
+    ap.add_argument("--pose_trunk", choices=("trained", "frozen", "cached"), default="trained",
+                    help="frozen: the pose stack's trunk gets no gradient (configs/distill.py pose_trunk_trainable); "
+                         "cached: frozen, and the batch carries its precomputed features instead of the pose frames")
     ap.add_argument("--pose_time_chunk", type=int, default=0,
                     help="latent frames per pass of the pose stacks (configs/distill.py pose_time_chunk; 0: whole)")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages (without --only)")
@@ -329,15 +352,17 @@ def main(argv=None):
                     continue
                 rows.append(json.loads(line[-1][len("BENCH_ROW "):]))
     table = [("stage", "remat", "pose conv", "devices", "compile+first (s)", "step (s)", "peak (GiB)",
-              "TFLOP/step", "MFU")]
+              "TFLOP/step", "MFU", "pipelined step (s)", "pipelined MFU")]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for r in rows:
         if "error" in r:
-            table.append((r["stage"], r["remat_policy"], r["pose_conv"], "-", r["error"], "-", "-", "-", "-"))
+            table.append((r["stage"], r["remat_policy"], r["pose_conv"], "-", r["error"]) + ("-",) * 6)
             continue
         name = r["stage"] + (f" (teacher {r['teacher']})" if r["teacher"] else "")
         table.append((name, r["remat_policy"], r["pose_conv"], r["devices"], f"{r['compile_and_first_s']:.1f}",
-                      f"{r['step_s']:.3f}", f"{r['peak_gib']:.1f}", f"{r['model_tflop']:.1f}",
-                      "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"))
+                      f"{r['step_s']:.3f}", f"{r['peak_gib']:.1f}", f"{r['model_tflop']:.1f}", pct(r["mfu"]),
+                      "-" if r.get("pipelined_step_s") is None else f"{r['pipelined_step_s']:.3f}",
+                      pct(r.get("pipelined_mfu"))))
     print_table("train", table)
     for r in rows:
         if r.get("determinism"):

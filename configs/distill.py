@@ -55,6 +55,11 @@ def _base() -> ml_collections.ConfigDict:
     c.pose_trunk_trainable = True     # False: the pose stack's trunk (dwpose_embedding.0-10, ~36 K params, e.g. from
                                       # UniAnimate's release) stays frozen; only its head, pose_proj and the DiT train.
                                       # Skips the full-resolution backward convs: see docs/PERFORMANCE.md
+    c.pose_trunk_cached = False       # True (with pose_trunk_trainable=False): read each sample's pose_trunk features,
+                                      # which generate_teacher stores, instead of running the frozen trunk over the
+                                      # full-resolution pose frames every step. The student's (and teacher's) trunk
+                                      # must be the one that wrote them (pose_trunk_sha256; pose_init from that
+                                      # teacher). H100 ODE step 1.732 -> 1.684 s (docs/PERFORMANCE.md, session 10)
     c.offload_state = False           # optimizer state + EMA in pinned host memory; a phase moves only its own model's
                                       # to the device for its update (Trainer(offload=True)). Meant for the DMD steps,
                                       # whose other model's Adam state / EMA otherwise sit unused on the device. Set it

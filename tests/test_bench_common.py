@@ -67,3 +67,26 @@ def test_determinism_check_tells_identical_from_different_runs():
     w = jnp.arange(8, dtype=jnp.float32)
     assert fingerprint(w) != fingerprint(w.at[3].set(jnp.nextafter(w[3], 10.0)))
     assert fingerprint(w) == fingerprint(jnp.asarray(np.asarray(w)))
+
+
+def test_pipelined_time_runs_n_donated_steps_and_returns_the_last_metrics():
+    """bench.train --pipelined: n steps dispatched back to back on a donated state, one wait at the
+    end. The state must have advanced exactly n times, the metrics must be the last step's, and the
+    time per step is the total over n."""
+    import time as _time
+
+    import pytest
+
+    from bench.common import pipelined_time
+
+    step = jax.jit(lambda s: ({"w": s["w"] + 1, "n": s["n"] + 1}, {"loss": jnp.sum(s["w"])}), donate_argnums=0)
+    state = {"w": jnp.zeros((64,), jnp.float32), "n": jnp.zeros((), jnp.int32)}
+    state, _ = step(state)  # compile
+    t = _time.perf_counter()
+    state, per_step, m = pipelined_time(step, state, 4)
+    total = _time.perf_counter() - t
+    assert int(state["n"]) == 5 and float(state["w"][0]) == 5.0
+    assert float(m["loss"]) == 64 * 4.0  # the 4th timed step saw w = 4
+    assert 0 < per_step <= total / 4
+    with pytest.raises(ValueError, match="n=0"):
+        pipelined_time(step, state, 0)

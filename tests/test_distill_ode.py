@@ -9,6 +9,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import wanjax  # noqa: F401
@@ -192,3 +193,84 @@ def test_ode_distillation_loss_falls_and_samples_approach_teacher(tmp_path):
     # so only the first step sees the noise the teacher's x0 was integrated from (that step's x0 error,
     # eval index 0, falls 12x above).
     assert float(dist1) < 0.9 * float(dist0)
+
+
+def test_ode_loss_with_cached_pose_trunk_equals_the_pose_video():
+    """A frozen-trunk student fed the batch's precomputed trunk features (``pose_trunk``, from
+    ``PoseConditioner.trunk_features``, no pose frames) gets the loss and gradients it gets from the
+    pose frames: the same ops, split at the trunk's output. Tolerance 1e-6 relative: float32, and the
+    two are compiled as different programs (XLA may fuse the trunk's last SiLU differently)."""
+    import dataclasses
+
+    pcfg = ua.get_config("tiny_student")
+    student = ua.PoseDiT(pcfg.replace(pose=dataclasses.replace(pcfg.pose, train_trunk=False)), rngs=nnx.Rngs(1))
+    k = student.dit.head.head.kernel
+    k[...] = jax.random.normal(jax.random.key(5), k.shape) * 0.1
+    batch = _batch(make_targets(2))
+    cached = {kk: v for kk, v in batch.items() if kk != "pose"}
+    gd, state = nnx.split(student)
+    trunk = jax.jit(lambda st, p: nnx.merge(gd, st).pose.trunk_features(ode.pad_pose_video(p)))
+    cached["pose_trunk"] = trunk(state, batch["pose"])
+    key = jax.random.key(7)
+
+    @jax.jit
+    def loss_and_grad(st, b):
+        return nnx.value_and_grad(lambda m: ode.ode_loss(m, b, key)[0])(nnx.merge(gd, st))
+
+    (lv, gv), (lc, gc) = loss_and_grad(state, batch), loss_and_grad(state, cached)
+    assert abs(float(lv) - float(lc)) <= 1e-6 * abs(float(lv)) and float(lv) > 0
+    gv, gc = jax.tree.leaves(nnx.state(gv, nnx.Param)), jax.tree.leaves(nnx.state(gc, nnx.Param))
+    assert len(gv) == len(gc)
+    for a, b in zip(gv, gc):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-6 * max(np.abs(a).max(), 1e-12)
+    # the latent shape comes from the trunk features when neither y nor frames are given
+    cb = ode.conditioning_batch(cached, None)
+    assert dmd.latent_shape(cb._replace(ref_latent_y=None)) == (F, h, w)
+
+
+def test_distill_run_on_cached_pose_trunk_matches_the_pose_frames(tmp_path):
+    """train.distill with ``pose_trunk_cached``: the batches carry each sample's stored ``pose_trunk``
+    instead of its frames, and the run's losses equal those of the same run on the frames (1e-6
+    relative: float32, different programs). The run refuses a trainable trunk, targets without the
+    features' fingerprint and features of another trunk, naming the flag, sample and fix."""
+    from tests.test_training_ckpt import write_targets
+    from wanjax.data.targets import TargetWriter
+    from wanjax.models.pose import trunk_fingerprint
+
+    samples = make_targets(2)
+    over = dict(total_steps=2, batch_size=2, ckpt_every=0, log_every=1, pose_trunk_trainable=False,
+                **{"ema.decay": 0.0, "export.enabled": False, "val.every": 0})
+    student = objectives.build_student(tiny_cfg(tmp_path / "x", **over))  # what each run builds (cfg.seed)
+    gd, state = nnx.split(student)
+    trunk = jax.jit(lambda st, p: nnx.merge(gd, st).pose.trunk_features(ode.pad_pose_video(p)))
+    fp = trunk_fingerprint(student.pose)
+    with TargetWriter(tmp_path / "targets") as tw:
+        for i, s in enumerate(samples):
+            feat = np.asarray(trunk(state, jnp.asarray(s["pose"])[None]))[0]
+            tw.add(f"sample{i}", {**s, "pose_trunk": feat}, {"prompt": "test", "pose_trunk_sha256": fp})
+    data = {"data.dir": str(tmp_path / "targets")}
+
+    def losses(name, **kw):
+        res = objectives.run(tiny_cfg(tmp_path / name, **over, **data, **kw))
+        assert res.status == "done"
+        return [r["ode/loss"] for r in res.history]
+
+    frames, cached = losses("frames"), losses("cached", pose_trunk_cached=True)
+    assert len(frames) == 2 and frames[0] > 0
+    np.testing.assert_allclose(cached, frames, rtol=1e-6)
+
+    with pytest.raises(objectives.DistillError, match="pose_trunk_cached=True needs a frozen pose trunk"):
+        objectives.build(tiny_cfg(tmp_path / "t", **{**over, "pose_trunk_trainable": True}, **data,
+                                  pose_trunk_cached=True))
+    old = write_targets(samples, tmp_path / "old")  # no pose_trunk_sha256 in the metadata
+    with pytest.raises(objectives.DistillError, match=r"sample 'sample0' has no pose_trunk features.*regenerate"):
+        objectives.build(tiny_cfg(tmp_path / "o", **over, pose_trunk_cached=True, **{"data.dir": str(old)}))
+    with TargetWriter(tmp_path / "other") as tw:
+        for i, s in enumerate(samples):
+            tw.add(f"sample{i}", {**s, "pose_trunk": np.zeros((F, h, w, 4), np.float32)},
+                  {"prompt": "test", "pose_trunk_sha256": "0" * 64})
+    with pytest.raises(objectives.DistillError, match=r"sample 'sample0' holds pose_trunk features of a different "
+                                                      r"pose trunk .*student.*student\.pose_init"):
+        objectives.build(tiny_cfg(tmp_path / "d", **over, pose_trunk_cached=True,
+                                  **{"data.dir": str(tmp_path / "other")}))

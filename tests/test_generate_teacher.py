@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from tests.test_pipeline import H, W, make_tiny_ckpt, pose_frames, ref_image
@@ -17,7 +18,7 @@ KEYS = {"noise": ("float32", (F, H // 8, W // 8, 16)), "context": ("float32", (5
         "clip_fea": ("float32", (5, 1280)), "ref_y": ("float32", (F, H // 8, W // 8, 20)),
         "ref_pose": ("float32", (H, W, 3)), "pose": ("uint8", (NUM_FRAMES, H, W, 3)),
         "traj": ("float32", (4, F, H // 8, W // 8, 16)), "traj_sigmas": ("float32", (4,)),
-        "x0": ("float32", (F, H // 8, W // 8, 16))}
+        "x0": ("float32", (F, H // 8, W // 8, 16)), "pose_trunk": ("float32", (F, H // 8, W // 8, 4))}
 
 
 class Killed(RuntimeError):
@@ -146,6 +147,24 @@ def test_targets_have_agreed_keys_and_match_teacher_pipeline(world, full_run):
     out = pipe.sample(ctx, neg, d["pose"], reference=ref, num_frames=NUM_FRAMES, seed=meta["s0"]["seed"])
     np.testing.assert_allclose(d["x0"], np.asarray(out["latents"])[0], atol=2e-4, rtol=1e-3)
     assert float(jnp.abs(out["latents"][0] - samples["s4"]["x0"]).mean()) > 1e-2
+
+    # pose_trunk: the teacher's trunk on the stored frames, as a student computes it (ode.pad_pose_video),
+    # labelled with that trunk's fingerprint; the teacher's head on it gives the teacher's own pose tokens
+    import dataclasses
+
+    from wanjax.distill.ode import pad_pose_video
+    from wanjax.models.pose import PoseConditioner, trunk_fingerprint
+
+    pose_m = model.pose
+    for sid in r.ids:
+        want = pose_m.trunk_features(pad_pose_video(jnp.asarray(samples[sid]["pose"])[None]))
+        np.testing.assert_allclose(samples[sid]["pose_trunk"], np.asarray(want)[0], rtol=1e-6, atol=1e-6)
+        assert meta[sid]["pose_trunk_sha256"] == trunk_fingerprint(pose_m)
+    frozen = PoseConditioner(dataclasses.replace(pose_m.cfg, train_trunk=False), rngs=nnx.Rngs(0))
+    nnx.update(frozen, nnx.state(pose_m, nnx.Param))
+    np.testing.assert_allclose(np.asarray(frozen.pose_features_from_trunk(jnp.asarray(d["pose_trunk"])[None])),
+                               np.asarray(pose_m.pose_features(pad_pose_video(jnp.asarray(d["pose"])[None]))),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_killed_run_resumes_to_identical_shards(world, full_run):

@@ -318,3 +318,45 @@ def test_frozen_trunk_same_values_no_trunk_gradient_and_optimizer_keeps_it():
     assert 0 < trunk_f < full
     assert pose_train_flops(cfg, 81, 480, 832) == 3 * full
     assert pose_train_flops(frozen.cfg, 81, 480, 832) == 3 * (full - trunk_f) + trunk_f
+
+
+def test_cached_trunk_features_give_the_same_tokens_and_gradients():
+    """A frozen trunk is a function of the data alone, so ``trunk_features`` can be computed once
+    per sample and ``pose_features_from_trunk`` reuses it. The two halves are the same ops as
+    ``pose_features`` (the frozen path already splits there), so tokens and gradients must be
+    bit-identical, whole-video and time-chunked. A trainable trunk, or features of the wrong width,
+    raise; the training FLOPs of a cached trunk leave the trunk out."""
+    from wanjax.training import pose_encoder_flops, pose_train_flops
+
+    cfg = PoseConfig(hidden=4, out_dim=6, proj_dim=5, zero_init_proj=False, train_trunk=False)
+    m = PoseConditioner(cfg, rngs=nnx.Rngs(0))
+    x = jnp.asarray(_rand((1, 12, 16, 32, 3), seed=3))
+    w = jnp.asarray(_rand((1, 3, 1, 2, 5), seed=4))
+    for chunk in (0, 1):
+        trunk = m.trunk_features(x, time_chunk=chunk)
+        assert trunk.shape == (1, 3, 2, 4, 4) and trunk.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(m.pose_features_from_trunk(trunk)),
+                                      np.asarray(m.pose_features(x, time_chunk=chunk)))
+
+    def loss_video(mod):
+        return jnp.sum(mod.pose_features(x) * w)
+
+    def loss_cached(mod, t):
+        return jnp.sum(mod.pose_features_from_trunk(t) * w)
+
+    lv, gv = nnx.value_and_grad(loss_video)(m)
+    lc, gc = nnx.value_and_grad(loss_cached)(m, m.trunk_features(x))
+    assert float(lv) == float(lc)
+    for a, b in zip(jax.tree.leaves(nnx.state(gv, nnx.Param)), jax.tree.leaves(nnx.state(gc, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    trainable = PoseConditioner(dataclasses.replace(cfg, train_trunk=True), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="trains its trunk"):
+        trainable.pose_features_from_trunk(trunk)
+    with pytest.raises(ValueError, match=r"expected trunk features \[B, F_lat, H/8, W/8, 4\]"):
+        m.pose_features_from_trunk(jnp.zeros((1, 3, 2, 4, 6)))
+    full = pose_encoder_flops(cfg, 81, 480, 832)
+    trunk_f = pose_encoder_flops(cfg, 81, 480, 832, trunk_only=True)
+    assert pose_train_flops(cfg, 81, 480, 832, cached_trunk=True) == 3 * (full - trunk_f)
+    with pytest.raises(ValueError, match="frozen trunk"):
+        pose_train_flops(trainable.cfg, 81, 480, 832, cached_trunk=True)

@@ -79,6 +79,9 @@ class DMDBatch(NamedTuple):
                   reference-pose features (each model adds its own), or None.
     pose_video:   [B, 4F, H, W, 3] driving pose in [0, 1], frame 0 already repeated 3x, or None.
     ref_pose:     [B, H, W, 3] pose drawing of the reference in [0, 1], or None.
+    pose_trunk:   [B, F, H/8, W/8, hidden] the pose video's precomputed trunk features
+                  (``PoseConditioner.trunk_features``; models with a frozen trunk only), used
+                  instead of ``pose_video``, or None.
     keep_pose:    [B] float 1/0 (UniAnimate pose dropout: pose tokens and ref pose dropped
                   together), or None = keep.
     keep_image:   [B] float 1/0 (image dropout: CLIP and ref latent y zeroed together, the ref pose
@@ -92,6 +95,7 @@ class DMDBatch(NamedTuple):
     ref_pose: jax.Array | None = None
     keep_pose: jax.Array | None = None
     keep_image: jax.Array | None = None
+    pose_trunk: jax.Array | None = None
 
 
 def _per_sample(keep: jax.Array | None, a: jax.Array | None) -> jax.Array | None:
@@ -121,7 +125,9 @@ def resolve_cond(model, batch: DMDBatch, *, negative: bool = False) -> Cond:
             feat = _per_sample(batch.keep_pose, model.encode_ref_pose(batch.ref_pose))
             y = model.condition_y(y, feat)
     pose = None
-    if batch.pose_video is not None and not negative:
+    if batch.pose_trunk is not None and not negative:
+        pose = _per_sample(batch.keep_pose, model.encode_pose_from_trunk(batch.pose_trunk))
+    elif batch.pose_video is not None and not negative:
         pose = _per_sample(batch.keep_pose, model.encode_pose(batch.pose_video))
     ctx = batch.neg_context if negative else batch.context
     if ctx.shape[0] != B:
@@ -136,7 +142,9 @@ def latent_shape(batch: DMDBatch) -> tuple[int, int, int]:
     if batch.pose_video is not None:
         _, t, H, W, _ = batch.pose_video.shape
         return t // 4, H // 8, W // 8
-    raise ValueError("DMDBatch needs ref_latent_y or pose_video to define the latent shape")
+    if batch.pose_trunk is not None:
+        return tuple(batch.pose_trunk.shape[1:4])
+    raise ValueError("DMDBatch needs ref_latent_y, pose_video or pose_trunk to define the latent shape")
 
 
 # ----------------------------------------------------------------------------------------------

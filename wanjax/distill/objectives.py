@@ -17,7 +17,10 @@ Models (PoseDiT = ``wanjax.models.unianimate.PoseDiT``):
   :func:`~wanjax.models.unianimate.init_student_from_backbone`. ``student.pose_init`` (optional) then
   copies UniAnimate's pose stacks (e.g. from the teacher root's ``pose/``) into the student's
   (:func:`~wanjax.models.unianimate.init_student_pose`); with ``pose_trunk_trainable=False`` the
-  trunk stays at those weights and gets no gradient (a faster step, see docs/PERFORMANCE.md).
+  trunk stays at those weights and gets no gradient (a faster step, see docs/PERFORMANCE.md). With
+  ``pose_trunk_cached`` as well, the batches carry the targets' ``pose_trunk`` features (the
+  teacher's trunk, stored by generate_teacher) instead of the pose frames, and no model runs its
+  trunk; :func:`check_pose_trunk_cache` requires every model's trunk to have the targets' fingerprint.
 * teacher (dmd): preset ``teacher.preset`` loaded from ``teacher.ckpt_dir`` (``dit/`` + ``pose/``);
   frozen, computes in ``teacher.dtype``.
 * critic (dmd): a PoseDiT of ``critic.preset`` (default: the student's) starting from the student's
@@ -185,7 +188,8 @@ def _build_student(cfg, mesh=None) -> ua.PoseDiT:
 def build_teacher(cfg, mesh=None) -> ua.PoseDiT:
     t = cfg.teacher
     pcfg = _with_numerics(_preset(t.preset, "teacher.preset"), dtype=t.dtype, param_dtype=t.dtype,
-                          attention=cfg.attention, remat=False, pose_time_chunk=cfg.get("pose_time_chunk", 0))
+                          attention=cfg.attention, remat=False, pose_time_chunk=cfg.get("pose_time_chunk", 0),
+                          train_pose_trunk=False)  # the teacher trains nothing (and may read cached trunk features)
     if not t.ckpt_dir:
         raise DistillError("objective=dmd needs the teacher: set --config.teacher.ckpt_dir=ROOT (dit/ + pose/, "
                            "the converted UniAnimate teacher)")
@@ -247,14 +251,47 @@ def negative_context(cfg) -> np.ndarray | None:
     return neg[0] if neg.ndim == 3 else neg
 
 
-def batch_keys(objective: str) -> tuple[str, ...]:
+def batch_keys(objective: str, pose_trunk_cached: bool = False) -> tuple[str, ...]:
+    pose = "pose_trunk" if pose_trunk_cached else "pose"
     if objective == "ode":
-        return ("context", "clip_fea", "ref_y", "ref_pose", "pose", "traj", "traj_sigmas", "x0")
-    return ("context", "clip_fea", "ref_y", "ref_pose", "pose")
+        return ("context", "clip_fea", "ref_y", "ref_pose", pose, "traj", "traj_sigmas", "x0")
+    return ("context", "clip_fea", "ref_y", "ref_pose", pose)
+
+
+def _trunk_cached(cfg) -> bool:
+    return bool(getattr(cfg, "pose_trunk_cached", False))  # (also a plain namespace: bench.train)
+
+
+def check_pose_trunk_cache(cfg, dataset, models: Mapping[str, ua.PoseDiT]) -> None:
+    """``pose_trunk_cached``: the run reads each sample's precomputed ``pose_trunk`` features instead of
+    its pose frames. Valid only for frozen trunks equal to the one that computed them: every sample's
+    ``pose_trunk_sha256`` must match each model's ``trunk_fingerprint`` (student, critic, teacher)."""
+    from wanjax.models.pose import trunk_fingerprint
+
+    if getattr(cfg, "pose_trunk_trainable", True):
+        raise DistillError("--config.pose_trunk_cached=True needs a frozen pose trunk: set "
+                           "--config.pose_trunk_trainable=False (precomputed features carry no trunk gradient)")
+    where = getattr(dataset, "dir", "the dataset")
+    prints = {name: trunk_fingerprint(m.pose) for name, m in models.items()}
+    ids = list(getattr(dataset, "ids", range(len(dataset))))
+    metas = getattr(dataset, "meta", None)
+    for i, sid in enumerate(ids):
+        have = (metas(sid) if metas is not None else {}).get("pose_trunk_sha256")
+        if have is None:
+            raise DistillError(f"--config.pose_trunk_cached=True: {where}: sample {sid!r} has no pose_trunk features "
+                               f"(targets from an older generate_teacher, or image mode); regenerate the targets or "
+                               f"set --config.pose_trunk_cached=False")
+        bad = [n for n, fp in prints.items() if fp != have]
+        if bad:
+            raise DistillError(f"--config.pose_trunk_cached=True: {where}: sample {sid!r} holds pose_trunk features "
+                               f"of a different pose trunk (sha256 {have[:12]}...) than the {', '.join(bad)}'s "
+                               f"({prints[bad[0]][:12]}...); initialise the pose stacks from the teacher that wrote "
+                               f"the targets (--config.student.pose_init=TEACHER_ROOT) or set "
+                               f"--config.pose_trunk_cached=False")
 
 
 def make_collate(cfg, text_len: int, neg: np.ndarray | None) -> Callable[[list], dict]:
-    keys = batch_keys(cfg.objective)
+    keys = batch_keys(cfg.objective, _trunk_cached(cfg))
     extra = {"neg_context": neg} if neg is not None else None
     return lambda samples: ode.collate(samples, text_len=text_len, keys=keys, extra=extra)
 
@@ -265,7 +302,10 @@ def make_collate(cfg, text_len: int, neg: np.ndarray | None) -> Callable[[list],
 def _sample_geometry(sample: Mapping[str, np.ndarray]) -> tuple[int, int, int, int, int]:
     """(latent frames F, tokens per frame at patch 2x2, pixel frames, H, W) of one target record."""
     F_, h, w = sample["ref_y"].shape[:3] if "ref_y" in sample else sample["x0"].shape[:3]
-    T, H, W = sample["pose"].shape[:3]
+    if "pose" in sample:
+        T, H, W = sample["pose"].shape[:3]
+    else:  # only the pose trunk's features (pose_trunk_cached): the frames they came from
+        T, H, W = 4 * (F_ - 1) + 1, 8 * h, 8 * w
     return F_, (h // 2) * (w // 2), T, H, W
 
 
@@ -280,7 +320,8 @@ def ode_phases(cfg, student: ua.PoseDiT, sample: Mapping[str, np.ndarray]) -> li
     scfg = student.cfg
     img = sample["clip_fea"].shape[0] if scfg.dit.i2v and "clip_fea" in sample else 0
     train_flops = 3 * loop_lib.dit_forward_flops(scfg.dit, F_, T, frames_per_block=scfg.dit.num_frame_per_block,
-                                                 image_tokens=img) + loop_lib.pose_train_flops(scfg.pose, pix, H, W)
+                                                 image_tokens=img) + loop_lib.pose_train_flops(
+        scfg.pose, pix, H, W, cached_trunk=_trunk_cached(cfg))
 
     def loss(model, batch, key):
         return ode.ode_loss(model, batch, key, cfg=ocfg)
@@ -304,24 +345,29 @@ def dmd_phases(cfg, student: ua.PoseDiT, teacher: ua.PoseDiT, critic: ua.PoseDiT
     nfb = dcfg.num_frame_per_block
     S = len(dcfg.steps)
     img = sample["clip_fea"].shape[0] if "clip_fea" in sample else 0
+    cached = _trunk_cached(cfg)
+
+    def pose_fwd(pcfg):  # the pose stacks' forward; a cached trunk is not run
+        trunk = loop_lib.pose_encoder_flops(pcfg, pix, H, W, trunk_only=True) if cached else 0.0
+        return loop_lib.pose_encoder_flops(pcfg, pix, H, W) - trunk
 
     def fwd(model, causal_block: int | None = None):
         if causal_block is None:
-            return loop_lib.dit_forward_flops(model.cfg.dit, F_, T, image_tokens=img) + \
-                loop_lib.pose_encoder_flops(model.cfg.pose, pix, H, W)
+            return loop_lib.dit_forward_flops(model.cfg.dit, F_, T, image_tokens=img) + pose_fwd(model.cfg.pose)
         return loop_lib.dit_forward_flops(model.cfg.dit, nfb, T, kv_frames=(causal_block + 1) * nfb,
                                           image_tokens=img)
 
     blocks = sum(fwd(student, b) for b in range(F_ // nfb))
-    pose_s = loop_lib.pose_encoder_flops(student.cfg.pose, pix, H, W)
+    pose_s = pose_fwd(student.cfg.pose)
     # no-grad rollout: per block E[exit] denoising steps + the exit step + the context pass (exit ~ U{0..S-1})
     rollout = blocks * ((S - 1) / 2 + 2)
     cfg_passes = 1 if dcfg.guidance_scale == 0 else 2
     # generator: rollout, the exit forwards again with gradient (forward + backward = 3x), the student's
     # pose encoders with gradient, critic and teacher (both CFG branches) forwards
     train_critic = (3 * loop_lib.dit_forward_flops(critic.cfg.dit, F_, T, image_tokens=img)
-                    + loop_lib.pose_train_flops(critic.cfg.pose, pix, H, W))
-    gen_flops = (rollout + 3 * blocks + loop_lib.pose_train_flops(student.cfg.pose, pix, H, W) + fwd(critic)
+                    + loop_lib.pose_train_flops(critic.cfg.pose, pix, H, W, cached_trunk=cached))
+    gen_flops = (rollout + 3 * blocks + loop_lib.pose_train_flops(student.cfg.pose, pix, H, W, cached_trunk=cached)
+                 + fwd(critic)
                  + cfg_passes * fwd(teacher))
     critic_flops = rollout + pose_s + train_critic
 
@@ -359,7 +405,8 @@ def make_validator(cfg, samples: Sequence[Mapping[str, np.ndarray]], ids: Sequen
     from wanjax.videoio import VideoWriter, to_uint8
 
     batch = ode.collate(list(samples), text_len=text_len,
-                        keys=("noise", "context", "clip_fea", "ref_y", "ref_pose", "pose", "x0"))
+                        keys=("noise", "context", "clip_fea", "ref_y", "ref_pose",
+                              "pose_trunk" if _trunk_cached(cfg) else "pose", "x0"))
     use_ema = cfg.ema.decay > 0
     steps, shift = tuple(cfg.dmd.steps), cfg.dmd.shift
     fns: dict = {}
@@ -431,6 +478,8 @@ def build(cfg, dataset=None, mesh=None):
     ema_cfg = st.EMAConfig(cfg.ema.decay, cfg.ema.start_step) if cfg.ema.decay > 0 else None
     o = cfg.optim
     if cfg.objective == "ode":
+        if _trunk_cached(cfg):
+            check_pose_trunk_cache(cfg, dataset, {"student": student})
         phases = ode_phases(cfg, student, first)
         trainer = loop_lib.Trainer(
             {"student": student},
@@ -443,6 +492,8 @@ def build(cfg, dataset=None, mesh=None):
     else:
         teacher = build_teacher(cfg, mesh)
         critic = build_critic(cfg, student)
+        if _trunk_cached(cfg):
+            check_pose_trunk_cache(cfg, dataset, {"student": student, "critic": critic, "teacher": teacher})
         d = cfg.dmd
         opt = lambda lr, m: loop_lib.make_optimizer(lr, b1=d.b1, b2=d.b2, eps=o.eps, weight_decay=o.weight_decay,
                                                     max_grad_norm=o.max_grad_norm, warmup_steps=o.warmup_steps,

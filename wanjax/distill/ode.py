@@ -20,7 +20,9 @@ Objective, per sample (:func:`ode_loss`):
    whose index is not the clean entry (the clean blocks only serve as context).
 
 Conditioning (:func:`conditioning_batch` -> ``wanjax.distill.dmd.resolve_cond``): the student's own
-pose encoder on the padded pose video (frame 0 repeated 3x, /255), its own reference-pose features
+pose encoder on the padded pose video (frame 0 repeated 3x, /255), or, when the batch carries
+``pose_trunk`` (the targets' precomputed trunk features; frozen trunks only), its pose head on those,
+its own reference-pose features
 added to ``ref_y``, CLIP tokens; UniAnimate's dropout per sample: with probability ``pose_drop``
 (5%) pose tokens and reference pose together, independently with ``image_drop`` (10%) CLIP and the
 reference latent ``y`` together (the reference pose survives in y). Text is never dropped.
@@ -87,7 +89,8 @@ def conditioning_batch(batch: Mapping[str, jax.Array], key: jax.Array | None, *,
     return dmd.DMDBatch(context=ctx, neg_context=batch.get("neg_context", ctx), clip_fea=batch.get("clip_fea"),
                         ref_latent_y=batch.get("ref_y"),
                         pose_video=pad_pose_video(batch["pose"]) if "pose" in batch else None,
-                        ref_pose=batch.get("ref_pose"), keep_pose=keep_pose, keep_image=keep_image)
+                        ref_pose=batch.get("ref_pose"), keep_pose=keep_pose, keep_image=keep_image,
+                        pose_trunk=batch.get("pose_trunk"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,13 @@ ref_y           f32 [F, h, w, 20]          4 mask channels + VAE latent of (ref,
                                            ref-pose features (add them with ``unianimate.condition_y``)
 ref_pose        f32 [H, W, 3]              reference pose drawing in [0, 1]
 pose            u8  [num_frames, H, W, 3]  driving pose frames (no repeated leading frames)
+pose_trunk      f32 [F, h, w, hidden]      the teacher's pose-stack trunk on those frames
+                                           (``PoseConditioner.trunk_features`` of
+                                           ``ode.pad_pose_video(pose)``; pose modes only). A student
+                                           whose frozen trunk has the same ``pose_trunk_sha256``
+                                           (sample meta, ``pose.trunk_fingerprint``) can train on it
+                                           instead of the frames (configs/distill.py
+                                           ``pose_trunk_cached``)
 traj            f32 [S, F, h, w, C]        teacher latent x_sigma at the student's sigmas (S = 4)
 traj_sigmas     f32 [S]                    the sigma of each traj entry
 x0              f32 [F, h, w, C]           final teacher latent
@@ -85,6 +92,7 @@ from wanjax import sampling
 from wanjax.data.manifest import ManifestError, ManifestRow, RowInputs, bad_row, load_manifest, read_row
 from wanjax.data.targets import TargetError, TargetWriter, merge_index, shard_name
 from wanjax.models import unianimate as ua
+from wanjax.models.pose import trunk_fingerprint
 from wanjax.pipeline import MODES, PipelineError, Y_CHANNELS
 from wanjax.training.distributed import exchange_status
 
@@ -224,8 +232,11 @@ def _conditioning(vae_gd, vae_st, clip_gd, clip_st, pose_gd, pose_st, num_latent
 
     ref_u8 uint8 [B, H, W, 3]; pose_u8 uint8 [B, T, H, W, 3] (T = 4(F-1)+1); ref_pose f32 [B, H, W, 3].
     Returns ref_y [B, F, h, w, 20] (build_y without ref-pose features), clip_fea [B, N, Di] or None,
-    ref-pose features [B, h, w, 20] and pose tokens [B, F, H/16, W/16, D] (float32) or None (image mode).
+    ref-pose features [B, h, w, 20], pose tokens [B, F, H/16, W/16, D] (float32) and the pose trunk's
+    features [B, F, h, w, hidden] as the student computes them (``ode.pad_pose_video``), or Nones
+    (image mode).
     """
+    from wanjax.distill.ode import pad_pose_video
     from wanjax.image import encode_image, to_model_range
 
     ref = to_model_range(ref_u8)
@@ -237,13 +248,14 @@ def _conditioning(vae_gd, vae_st, clip_gd, clip_st, pose_gd, pose_st, num_latent
     mask = jnp.zeros((B, num_latent, h, w, 4), jnp.float32).at[:, 0].set(1.0)
     ref_y = jnp.concatenate([mask, lat], axis=-1)
     clip_fea = None if clip_gd is None else encode_image(nnx.merge(clip_gd, clip_st), ref).astype(jnp.float32)
-    feat = tokens = None
+    feat = tokens = trunk = None
     if mode != "image":
         pose_m = nnx.merge(pose_gd, pose_st)
         feat = pose_m.ref_pose_features(ref_pose)
         padded = jnp.concatenate([jnp.repeat(pose_u8[:, :1], 3, axis=1), pose_u8], axis=1)
         tokens = pose_m.pose_features(padded.astype(jnp.float32) / 255.0)
-    return ref_y, clip_fea, feat, tokens
+        trunk = pose_m.trunk_features(pad_pose_video(pose_u8)).astype(jnp.float32)
+    return ref_y, clip_fea, feat, tokens, trunk
 
 
 def teacher_inputs(mode: str, ref_y, clip_fea, feat, tokens):
@@ -342,6 +354,8 @@ class TeacherTargets:
         self._vae = nnx.split(vae)
         self._clip = nnx.split(clip) if self.model.uses_clip else (None, None)
         self._pose = nnx.split(self.model.pose) if mode != "image" else (None, None)
+        # which trunk the stored pose_trunk features belong to (None: image mode stores none)
+        self.pose_trunk_sha256 = trunk_fingerprint(self.model.pose) if mode != "image" else None
         dcfg = self.model.cfg
         self.latent_shape = (self.F, self.H // 8, self.W // 8, dcfg.out_dim)
         self.text_shape = (dcfg.text_len, dcfg.text_dim)
@@ -379,7 +393,7 @@ class TeacherTargets:
                                     f"{self.num_frames} frames")
         ctx = np.stack([self._pad_context(it.context, it.inputs.row.where("prompt")) for it in full])
         noise = np.stack([initial_noise(it.seed, self.latent_shape) for it in full])
-        ref_y, clip_fea, feat, tokens = _conditioning(
+        ref_y, clip_fea, feat, tokens, trunk = _conditioning(
             self._vae[0], self._vae[1], self._clip[0], self._clip[1], self._pose[0], self._pose[1], self.F,
             self.mode, self._place(np.stack([it.inputs.ref for it in full])),
             self._place(np.stack([it.inputs.pose for it in full])),
@@ -401,7 +415,7 @@ class TeacherTargets:
         else:
             x0 = sampling.sample_unipc(model_fn, x, self.sigmas, self.timesteps)
         traj_b = rec.stack(axis=1)
-        host = jax.device_get({"ref_y": ref_y, "clip_fea": clip_fea, "traj": traj_b, "x0": x0})
+        host = jax.device_get({"ref_y": ref_y, "clip_fea": clip_fea, "traj": traj_b, "x0": x0, "trunk": trunk})
         out = []
         for i, it in enumerate(items):
             d = {"noise": noise[i], "context": ctx[i]}
@@ -413,6 +427,8 @@ class TeacherTargets:
                      traj=np.asarray(host["traj"][i], np.float32),
                      traj_sigmas=np.asarray(self.plan.sigmas, np.float32),
                      x0=np.asarray(host["x0"][i], np.float32))
+            if host["trunk"] is not None:
+                d["pose_trunk"] = np.asarray(host["trunk"][i], np.float32)
             out.append(d)
         return out
 
@@ -492,7 +508,8 @@ def check_config(cfg) -> None:
         raise PipelineError(f"--config.height/width {cfg.height}x{cfg.width} must be multiples of 16")
 
 
-def sample_meta(cfg, item: Item, plan: TrajPlan, student_t: np.ndarray) -> dict[str, Any]:
+def sample_meta(cfg, item: Item, plan: TrajPlan, student_t: np.ndarray,
+                pose_trunk_sha256: str | None = None) -> dict[str, Any]:
     r = item.inputs.row
     return {"id": r.id, "prompt": r.prompt, "seed": int(item.seed), "num_frames": int(cfg.num_frames),
             "H": int(cfg.height), "W": int(cfg.width), "teacher_preset": cfg.preset,
@@ -500,7 +517,8 @@ def sample_meta(cfg, item: Item, plan: TrajPlan, student_t: np.ndarray) -> dict[
             "shift": float(cfg.sampler.shift), "conditioning_mode": cfg.conditioning.mode,
             "dtype": cfg.dtype, "student_timesteps": [float(t) for t in student_t],
             "traj_mode": plan.mode, "traj_teacher_steps": list(plan.steps), "manifest_line": r.line,
-            "manifest_row": r.index, "source": dict(r.raw), "ref_pose_source": item.inputs.ref_pose_source}
+            "manifest_row": r.index, "source": dict(r.raw), "ref_pose_source": item.inputs.ref_pose_source,
+            "pose_trunk_sha256": pose_trunk_sha256}
 
 
 def replicate(module, mesh):
@@ -614,7 +632,8 @@ def _generate(cfg, *, progress: bool, on_batch) -> dict:
             for chunk in batches(items, gen.batch_size):
                 step_cb = (lambda k, n: bar.set_postfix_str(f"step {k}/{n}", refresh=True)) if progress else None
                 for it, arrays in zip(chunk, gen.run(chunk, progress=step_cb)):
-                    writer.add(it.inputs.row.id, arrays, sample_meta(cfg, it, gen.plan, student_t))
+                    writer.add(it.inputs.row.id, arrays,
+                               sample_meta(cfg, it, gen.plan, student_t, gen.pose_trunk_sha256))
                 summary["samples"] += len(chunk)
                 bar.update(len(chunk))
                 rate = summary["samples"] / max(time.perf_counter() - t0, 1e-9) * 3600.0

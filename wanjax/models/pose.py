@@ -38,6 +38,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import wanjax  # noqa: F401  (disables Flax eager sharding)
@@ -123,6 +124,23 @@ def frozen_params(cfg: PoseConfig):
     """The parameter-path filter an optimizer must keep fixed for a model with this pose config
     (``make_optimizer(frozen=...)``): :func:`is_trunk_param` when the trunk is not trained, else None."""
     return None if cfg.train_trunk else is_trunk_param
+
+
+def trunk_fingerprint(pose: "PoseConditioner") -> str:
+    """SHA-256 over the trunk's parameters (:func:`is_trunk_param`; path-sorted float32 bytes, with
+    each path and shape). Precomputed trunk features (``PoseConditioner.trunk_features``) are valid
+    for any pose stack whose trunk has the same fingerprint."""
+    import hashlib
+
+    from wanjax.checkpoint import flatten_params
+
+    flat = flatten_params(nnx.to_pure_dict(nnx.state(pose, nnx.Param)))
+    h = hashlib.sha256()
+    for k in sorted(k for k in flat if is_trunk_param(k)):
+        a = np.ascontiguousarray(np.asarray(jax.device_get(flat[k]), np.float32))
+        h.update(f"{k}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 POSE_PRESETS: dict[str, PoseConfig] = {
@@ -227,8 +245,7 @@ class PoseConditioner(nnx.Module):
         layers = self._layers3d()
         impl = resolve_conv_impl(getattr(self, "conv_impl", "auto"))
         if not self.cfg.train_trunk:  # forward only: no gradient into or through the trunk, so no remat
-            x = jax.lax.stop_gradient(_run_stack(layers[:-1], x, act_last=True, impl=impl))
-            return _run_stack(layers[-1:], x, act_last=False, impl=impl)
+            return self._head(jax.lax.stop_gradient(self._trunk(x)))
         full, rest = layers[:_FULL_RES_LAYERS], layers[_FULL_RES_LAYERS:]
         geometry = [(s, p) for _, _, s, p in full]  # static: closed over, never traced
 
@@ -240,6 +257,46 @@ class PoseConditioner(nnx.Module):
             trunk = jax.checkpoint(trunk)
         x = trunk([(k, b) for k, b, _, _ in full], x)
         return _run_stack(rest, x, act_last=False, impl=impl)
+
+    def _trunk(self, x: jax.Array) -> jax.Array:
+        """[B, T, H, W, C] -> the trunk's output [B, T/4, H/8, W/8, hidden] (the six convs + SiLU)."""
+        impl = resolve_conv_impl(getattr(self, "conv_impl", "auto"))
+        return _run_stack(self._layers3d()[:-1], x, act_last=True, impl=impl)
+
+    def _head(self, trunk: jax.Array) -> jax.Array:
+        """The trunk's output -> [B, n, H/16, W/16, out_dim] (the last conv, no activation)."""
+        impl = resolve_conv_impl(getattr(self, "conv_impl", "auto"))
+        return _run_stack(self._layers3d()[-1:], trunk, act_last=False, impl=impl)
+
+    def _check_pose(self, pose: jax.Array, who: str) -> None:
+        if pose.ndim != 5 or pose.shape[-1] != self.cfg.in_channels:
+            raise ValueError(f"{who}: expected pose [B, 4*F_lat, H, W, {self.cfg.in_channels}] "
+                             f"(channels last), got shape {tuple(pose.shape)}")
+        _, t, h, w, _ = pose.shape
+        if t % 4 or t == 0:
+            raise ValueError(f"{who}: the pose video has {t} frames, expected a positive multiple of 4 "
+                             f"(num_frames = 4k+1 pixel frames plus 3 repeats of frame 0; use "
+                             f"wanjax.pose.video.prepare_pose_video)")
+        if h % 16 or w % 16:
+            raise ValueError(f"{who}: H x W = {h} x {w} must be multiples of 16 (VAE 8 x patch 2)")
+
+    def _over_time(self, fn, x: jax.Array, time_chunk: int | None) -> jax.Array:
+        """``fn`` ([B, 4k, ...] -> [B, k, ...]) over the whole video, or ``time_chunk`` latent frames at
+        a time with a halo of 2 latent frames each side (exact: the receptive field is +-7 frames)."""
+        n = x.shape[1] // 4
+        if time_chunk is None:
+            time_chunk = self.cfg.time_chunk
+        if not time_chunk or time_chunk >= n:
+            return fn(x)
+        if time_chunk < 0:
+            raise ValueError(f"pose_features: time_chunk must be >= 0 (0: whole video), got {time_chunk}")
+        outs = []
+        for a in range(0, n, time_chunk):
+            e = min(a + time_chunk, n)
+            lo, hi = max(a - _HALO_LATENT, 0), min(e + _HALO_LATENT, n)
+            part = fn(x[:, 4 * lo:4 * hi])
+            outs.append(part[:, a - lo:a - lo + (e - a)])
+        return jnp.concatenate(outs, axis=1)
 
     def pose_features(self, pose: jax.Array, *, time_chunk: int | None = None) -> jax.Array:
         """Pose tokens.
@@ -256,32 +313,33 @@ class PoseConditioner(nnx.Module):
           Flatten ``(f, h, w)`` row-major to get the DiT token order. UA runs this stack in float32
           and casts the tokens to bfloat16 before adding them to the patch embeddings (spec 12.1).
         """
-        if pose.ndim != 5 or pose.shape[-1] != self.cfg.in_channels:
-            raise ValueError(f"pose_features: expected pose [B, 4*F_lat, H, W, {self.cfg.in_channels}] "
-                             f"(channels last), got shape {tuple(pose.shape)}")
-        b, t, h, w, _ = pose.shape
-        if t % 4 or t == 0:
-            raise ValueError(f"pose_features: the pose video has {t} frames, expected a positive multiple of 4 "
-                             f"(num_frames = 4k+1 pixel frames plus 3 repeats of frame 0; use "
-                             f"wanjax.pose.video.prepare_pose_video)")
-        if h % 16 or w % 16:
-            raise ValueError(f"pose_features: H x W = {h} x {w} must be multiples of 16 (VAE 8 x patch 2)")
-        x = pose.astype(self.dtype)
-        n = t // 4
-        if time_chunk is None:
-            time_chunk = self.cfg.time_chunk
-        if not time_chunk or time_chunk >= n:
-            y = self._encode3d(x)
-        else:
-            if time_chunk < 0:
-                raise ValueError(f"pose_features: time_chunk must be >= 0 (0: whole video), got {time_chunk}")
-            outs = []
-            for a in range(0, n, time_chunk):
-                e = min(a + time_chunk, n)
-                lo, hi = max(a - _HALO_LATENT, 0), min(e + _HALO_LATENT, n)
-                part = self._encode3d(x[:, 4 * lo:4 * hi])
-                outs.append(part[:, a - lo:a - lo + (e - a)])
-            y = jnp.concatenate(outs, axis=1)
+        self._check_pose(pose, "pose_features")
+        y = self._over_time(self._encode3d, pose.astype(self.dtype), time_chunk)
+        if self.pose_proj is not None:
+            y = self.pose_proj(y)
+        return y
+
+    def trunk_features(self, pose: jax.Array, *, time_chunk: int | None = None) -> jax.Array:
+        """The trunk's output for ``pose`` (as in :meth:`pose_features`): ``[B, F_lat, H/8, W/8,
+        hidden]`` in ``dtype``, with no gradient. With a frozen trunk (``train_trunk=False``) it is a
+        function of the data alone, so it can be computed once per sample and reused by
+        :meth:`pose_features_from_trunk`, which then skips the full-resolution convolutions."""
+        self._check_pose(pose, "trunk_features")
+        return jax.lax.stop_gradient(self._over_time(self._trunk, pose.astype(self.dtype), time_chunk))
+
+    def pose_features_from_trunk(self, trunk: jax.Array) -> jax.Array:
+        """Pose tokens from :meth:`trunk_features` (head conv + ``pose_proj``); equals
+        :meth:`pose_features` on the same video. Only for a frozen trunk: a trainable trunk's
+        gradient would be skipped silently, so that raises."""
+        if self.cfg.train_trunk:
+            raise ValueError("pose_features_from_trunk: this pose stack trains its trunk (PoseConfig.train_trunk="
+                             "True), so precomputed trunk features would drop the trunk's gradient; freeze it "
+                             "(configs/distill.py pose_trunk_trainable=False) or pass the pose video")
+        want = (self.cfg.hidden,)
+        if trunk.ndim != 5 or tuple(trunk.shape[-1:]) != want or trunk.shape[2] % 2 or trunk.shape[3] % 2:
+            raise ValueError(f"pose_features_from_trunk: expected trunk features [B, F_lat, H/8, W/8, "
+                             f"{self.cfg.hidden}] (trunk_features), got shape {tuple(trunk.shape)}")
+        y = self._head(jax.lax.stop_gradient(trunk.astype(self.dtype)))
         if self.pose_proj is not None:
             y = self.pose_proj(y)
         return y

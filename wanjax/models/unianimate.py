@@ -207,6 +207,11 @@ class PoseDiT(nnx.Module):
         tok = self.pose.pose_features(pose_video, time_chunk=time_chunk)
         return tok.astype(self.cfg.dit.compute_dtype)
 
+    def encode_pose_from_trunk(self, trunk: jax.Array) -> jax.Array:
+        """Precomputed trunk features ``[B, F, H/8, W/8, hidden]`` (``pose.trunk_features``, frozen
+        trunk only) -> the tokens of :meth:`encode_pose`, without the full-resolution convolutions."""
+        return self.pose.pose_features_from_trunk(trunk).astype(self.cfg.dit.compute_dtype)
+
     def encode_ref_pose(self, ref_pose: jax.Array) -> jax.Array:
         """Pose drawing of the reference ``[B, H, W, 3]`` in [0, 1] -> ``[B, H/8, W/8, 20]`` (float32)."""
         return self.pose.ref_pose_features(ref_pose)

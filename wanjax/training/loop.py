@@ -597,14 +597,17 @@ def pose_encoder_flops(pcfg, pixel_frames: int, height: int, width: int, *, trun
     return total
 
 
-def pose_train_flops(pcfg, pixel_frames: int, height: int, width: int) -> float:
+def pose_train_flops(pcfg, pixel_frames: int, height: int, width: int, *, cached_trunk: bool = False) -> float:
     """Forward + backward FLOPs of the pose stacks under a gradient: 3x the forward, except that a
-    frozen trunk (``PoseConfig.train_trunk=False``) runs forward only."""
+    frozen trunk (``PoseConfig.train_trunk=False``) runs forward only, and not at all when its
+    features come precomputed (``cached_trunk``: ``DMDBatch.pose_trunk``)."""
     total = pose_encoder_flops(pcfg, pixel_frames, height, width)
     if getattr(pcfg, "train_trunk", True):
+        if cached_trunk:
+            raise ValueError("pose_train_flops: cached trunk features need a frozen trunk (train_trunk=False)")
         return 3 * total
     trunk = pose_encoder_flops(pcfg, pixel_frames, height, width, trunk_only=True)
-    return 3 * (total - trunk) + trunk
+    return 3 * (total - trunk) + (0.0 if cached_trunk else trunk)
 
 
 _PEAK_BF16 = {  # dense bf16 FLOP/s per device
