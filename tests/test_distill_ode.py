@@ -263,6 +263,8 @@ def test_distill_run_on_cached_pose_trunk_matches_the_pose_frames(tmp_path):
     with pytest.raises(objectives.DistillError, match="pose_trunk_cached=True needs a frozen pose trunk"):
         objectives.build(tiny_cfg(tmp_path / "t", **{**over, "pose_trunk_trainable": True}, **data,
                                   pose_trunk_cached=True))
+    with pytest.raises(objectives.DistillError, match="needs a target directory"):  # in-memory samples: no metadata
+        objectives.build(tiny_cfg(tmp_path / "m", **over, pose_trunk_cached=True), dataset=samples)
     old = write_targets(samples, tmp_path / "old")  # no pose_trunk_sha256 in the metadata
     with pytest.raises(objectives.DistillError, match=r"sample 'sample0' has no pose_trunk features.*regenerate"):
         objectives.build(tiny_cfg(tmp_path / "o", **over, pose_trunk_cached=True, **{"data.dir": str(old)}))

@@ -350,6 +350,8 @@ def test_cached_trunk_features_give_the_same_tokens_and_gradients():
     for a, b in zip(jax.tree.leaves(nnx.state(gv, nnx.Param)), jax.tree.leaves(nnx.state(gc, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+    with pytest.raises(ValueError, match="trunk_features: time_chunk must be >= 0"):
+        m.trunk_features(x, time_chunk=-1)
     trainable = PoseConditioner(dataclasses.replace(cfg, train_trunk=True), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="trains its trunk"):
         trainable.pose_features_from_trunk(trunk)

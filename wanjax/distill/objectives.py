@@ -273,10 +273,13 @@ def check_pose_trunk_cache(cfg, dataset, models: Mapping[str, ua.PoseDiT]) -> No
                            "--config.pose_trunk_trainable=False (precomputed features carry no trunk gradient)")
     where = getattr(dataset, "dir", "the dataset")
     prints = {name: trunk_fingerprint(m.pose) for name, m in models.items()}
-    ids = list(getattr(dataset, "ids", range(len(dataset))))
     metas = getattr(dataset, "meta", None)
-    for i, sid in enumerate(ids):
-        have = (metas(sid) if metas is not None else {}).get("pose_trunk_sha256")
+    if metas is None:
+        raise DistillError("--config.pose_trunk_cached=True needs a target directory (--config.data.dir, as "
+                           "generate_teacher writes it): its per-sample metadata names the pose trunk that computed "
+                           "the features")
+    for sid in dataset.ids:
+        have = metas(sid).get("pose_trunk_sha256")
         if have is None:
             raise DistillError(f"--config.pose_trunk_cached=True: {where}: sample {sid!r} has no pose_trunk features "
                                f"(targets from an older generate_teacher, or image mode); regenerate the targets or "

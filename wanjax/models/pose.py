@@ -280,7 +280,7 @@ class PoseConditioner(nnx.Module):
         if h % 16 or w % 16:
             raise ValueError(f"{who}: H x W = {h} x {w} must be multiples of 16 (VAE 8 x patch 2)")
 
-    def _over_time(self, fn, x: jax.Array, time_chunk: int | None) -> jax.Array:
+    def _over_time(self, fn, x: jax.Array, time_chunk: int | None, who: str) -> jax.Array:
         """``fn`` ([B, 4k, ...] -> [B, k, ...]) over the whole video, or ``time_chunk`` latent frames at
         a time with a halo of 2 latent frames each side (exact: the receptive field is +-7 frames)."""
         n = x.shape[1] // 4
@@ -289,7 +289,7 @@ class PoseConditioner(nnx.Module):
         if not time_chunk or time_chunk >= n:
             return fn(x)
         if time_chunk < 0:
-            raise ValueError(f"pose_features: time_chunk must be >= 0 (0: whole video), got {time_chunk}")
+            raise ValueError(f"{who}: time_chunk must be >= 0 (0: whole video), got {time_chunk}")
         outs = []
         for a in range(0, n, time_chunk):
             e = min(a + time_chunk, n)
@@ -314,7 +314,7 @@ class PoseConditioner(nnx.Module):
           and casts the tokens to bfloat16 before adding them to the patch embeddings (spec 12.1).
         """
         self._check_pose(pose, "pose_features")
-        y = self._over_time(self._encode3d, pose.astype(self.dtype), time_chunk)
+        y = self._over_time(self._encode3d, pose.astype(self.dtype), time_chunk, "pose_features")
         if self.pose_proj is not None:
             y = self.pose_proj(y)
         return y
@@ -325,7 +325,8 @@ class PoseConditioner(nnx.Module):
         function of the data alone, so it can be computed once per sample and reused by
         :meth:`pose_features_from_trunk`, which then skips the full-resolution convolutions."""
         self._check_pose(pose, "trunk_features")
-        return jax.lax.stop_gradient(self._over_time(self._trunk, pose.astype(self.dtype), time_chunk))
+        return jax.lax.stop_gradient(self._over_time(self._trunk, pose.astype(self.dtype), time_chunk,
+                                                     "trunk_features"))
 
     def pose_features_from_trunk(self, trunk: jax.Array) -> jax.Array:
         """Pose tokens from :meth:`trunk_features` (head conv + ``pose_proj``); equals
