@@ -86,14 +86,18 @@ def _residual_dtype(cfg) -> str:
     return name
 
 
+def _trained_numerics(cfg) -> dict:
+    """The numerics keywords of :func:`_with_numerics` shared by the trained models (student, critic)."""
+    return dict(dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype, attention=cfg.attention, remat=cfg.remat,
+                remat_policy=cfg.get("remat_policy", "full"), remat_dots_layers=cfg.get("remat_dots_layers", 0),
+                residual_dtype=_residual_dtype(cfg), pose_time_chunk=cfg.get("pose_time_chunk", 0),
+                train_pose_trunk=cfg.get("pose_trunk_trainable", True))
+
+
 def student_config(cfg) -> ua.PoseDiTConfig:
     s = cfg.student
-    return _with_numerics(_preset(s.preset, "student.preset"), dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype,
-                          attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"),
-                          remat_dots_layers=cfg.get("remat_dots_layers", 0),
-                          residual_dtype=_residual_dtype(cfg),
-                          pose_time_chunk=cfg.get("pose_time_chunk", 0), num_frame_per_block=s.num_frame_per_block,
-                          max_frames=s.max_frames, train_pose_trunk=cfg.get("pose_trunk_trainable", True))
+    return _with_numerics(_preset(s.preset, "student.preset"), num_frame_per_block=s.num_frame_per_block,
+                          max_frames=s.max_frames, **_trained_numerics(cfg))
 
 
 def _check_dir(path: str, flag: str) -> Path:
@@ -199,12 +203,7 @@ def build_teacher(cfg, mesh=None) -> ua.PoseDiT:
 def build_critic(cfg, student: ua.PoseDiT) -> ua.PoseDiT:
     """Critic with the student's initial weights (same preset) or a fresh init of ``critic.preset``."""
     name = cfg.critic.preset or cfg.student.preset
-    pcfg = _with_numerics(_preset(name, "critic.preset"), dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype,
-                          attention=cfg.attention, remat=cfg.remat, remat_policy=cfg.get("remat_policy", "full"),
-                          remat_dots_layers=cfg.get("remat_dots_layers", 0),
-                          residual_dtype=_residual_dtype(cfg),
-                          pose_time_chunk=cfg.get("pose_time_chunk", 0),
-                          train_pose_trunk=cfg.get("pose_trunk_trainable", True))
+    pcfg = _with_numerics(_preset(name, "critic.preset"), **_trained_numerics(cfg))
     critic = ua.PoseDiT(pcfg.replace(pose=student.cfg.pose) if name == cfg.student.preset else pcfg,
                         rngs=nnx.Rngs(cfg.seed + 1))
     if name == cfg.student.preset:
