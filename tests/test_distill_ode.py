@@ -195,6 +195,12 @@ def test_ode_distillation_loss_falls_and_samples_approach_teacher(tmp_path):
     assert float(dist1) < 0.9 * float(dist0)
 
 
+def _trunk_features_fn(gd):
+    """jit(state, uint8 pose frames [B, T, H, W, 3]) -> the pose trunk's features, as generate_teacher
+    stores them (``trunk_features`` of ``ode.pad_pose_video``)."""
+    return jax.jit(lambda st, p: nnx.merge(gd, st).pose.trunk_features(ode.pad_pose_video(p)))
+
+
 def test_ode_loss_with_cached_pose_trunk_equals_the_pose_video():
     """A frozen-trunk student fed the batch's precomputed trunk features (``pose_trunk``, from
     ``PoseConditioner.trunk_features``, no pose frames) gets the loss and gradients it gets from the
@@ -209,7 +215,7 @@ def test_ode_loss_with_cached_pose_trunk_equals_the_pose_video():
     batch = _batch(make_targets(2))
     cached = {kk: v for kk, v in batch.items() if kk != "pose"}
     gd, state = nnx.split(student)
-    trunk = jax.jit(lambda st, p: nnx.merge(gd, st).pose.trunk_features(ode.pad_pose_video(p)))
+    trunk = _trunk_features_fn(gd)
     cached["pose_trunk"] = trunk(state, batch["pose"])
     key = jax.random.key(7)
 
@@ -243,7 +249,7 @@ def test_distill_run_on_cached_pose_trunk_matches_the_pose_frames(tmp_path):
                 **{"ema.decay": 0.0, "export.enabled": False, "val.every": 0})
     student = objectives.build_student(tiny_cfg(tmp_path / "x", **over))  # what each run builds (cfg.seed)
     gd, state = nnx.split(student)
-    trunk = jax.jit(lambda st, p: nnx.merge(gd, st).pose.trunk_features(ode.pad_pose_video(p)))
+    trunk = _trunk_features_fn(gd)
     fp = trunk_fingerprint(student.pose)
     with TargetWriter(tmp_path / "targets") as tw:
         for i, s in enumerate(samples):

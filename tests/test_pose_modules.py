@@ -360,5 +360,6 @@ def test_cached_trunk_features_give_the_same_tokens_and_gradients():
     full = pose_encoder_flops(cfg, 81, 480, 832)
     trunk_f = pose_encoder_flops(cfg, 81, 480, 832, trunk_only=True)
     assert pose_train_flops(cfg, 81, 480, 832, cached_trunk=True) == 3 * (full - trunk_f)
+    assert pose_encoder_flops(cfg, 81, 480, 832, cached_trunk=True) == pytest.approx(full - trunk_f, rel=1e-12)
     with pytest.raises(ValueError, match="frozen trunk"):
         pose_train_flops(trainable.cfg, 81, 480, 832, cached_trunk=True)

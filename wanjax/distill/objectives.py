@@ -350,8 +350,7 @@ def dmd_phases(cfg, student: ua.PoseDiT, teacher: ua.PoseDiT, critic: ua.PoseDiT
     cached = _trunk_cached(cfg)
 
     def pose_fwd(pcfg):  # the pose stacks' forward; a cached trunk is not run
-        trunk = loop_lib.pose_encoder_flops(pcfg, pix, H, W, trunk_only=True) if cached else 0.0
-        return loop_lib.pose_encoder_flops(pcfg, pix, H, W) - trunk
+        return loop_lib.pose_encoder_flops(pcfg, pix, H, W, cached_trunk=cached)
 
     def fwd(model, causal_block: int | None = None):
         if causal_block is None:

@@ -242,10 +242,10 @@ class PoseConditioner(nnx.Module):
 
     def _encode3d(self, x: jax.Array) -> jax.Array:
         """[B, T, H, W, C] (T = 4n) -> [B, n, H/16, W/16, out_dim] through the 7 convs."""
-        layers = self._layers3d()
-        impl = resolve_conv_impl(getattr(self, "conv_impl", "auto"))
         if not self.cfg.train_trunk:  # forward only: no gradient into or through the trunk, so no remat
             return self._head(jax.lax.stop_gradient(self._trunk(x)))
+        layers = self._layers3d()
+        impl = resolve_conv_impl(getattr(self, "conv_impl", "auto"))
         full, rest = layers[:_FULL_RES_LAYERS], layers[_FULL_RES_LAYERS:]
         geometry = [(s, p) for _, _, s, p in full]  # static: closed over, never traced
 

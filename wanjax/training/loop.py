@@ -569,10 +569,12 @@ def dit_forward_flops(cfg, frames: int, tokens_per_frame: int, *, frames_per_blo
     return float(nl * per_layer + 2 * L * D * cfg.in_dim * pp + 2 * L * D * cfg.out_dim * pp)
 
 
-def pose_encoder_flops(pcfg, pixel_frames: int, height: int, width: int, *, trunk_only: bool = False) -> float:
+def pose_encoder_flops(pcfg, pixel_frames: int, height: int, width: int, *, trunk_only: bool = False,
+                       cached_trunk: bool = False) -> float:
     """Forward conv FLOPs of the pose stacks (3D on ``pixel_frames + 3`` padded frames, 2D on the
     reference pose), 2 per multiply-add, plus the optional projection. ``trunk_only``: just the 3D
-    stack's trunk (every conv before its head)."""
+    stack's trunk (every conv before its head); ``cached_trunk``: everything but the trunk (its
+    features come precomputed, ``DMDBatch.pose_trunk``)."""
     from wanjax.models.pose import POSE3D_LAYERS, REF2D_STRIDES
 
     T, H, W = pixel_frames + 3, height, width
@@ -584,7 +586,8 @@ def pose_encoder_flops(pcfg, pixel_frames: int, height: int, width: int, *, trun
         T = (T + 2 * p[0] - k[0]) // s[0] + 1
         H = (H + 2 * p[1] - k[1]) // s[1] + 1
         W = (W + 2 * p[2] - k[2]) // s[2] + 1
-        total += 2.0 * math.prod(k) * cin * cout * T * H * W
+        if not (cached_trunk and i < len(POSE3D_LAYERS) - 1):
+            total += 2.0 * math.prod(k) * cin * cout * T * H * W
         cin = cout
     if pcfg.proj_dim:
         total += 2.0 * T * H * W * pcfg.out_dim * pcfg.proj_dim
