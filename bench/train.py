@@ -136,8 +136,8 @@ def _batch(args, n: int, dcfg, pose_hidden: int = 16) -> dict:
 
 def run_stage(args) -> dict:
     """One stage in this process: build, compile, time. Returns the row as a dict."""
-    from wanjax.distill import objectives, ode
-    from wanjax.training import EMAConfig, Phase, Trainer, dit_forward_flops, make_optimizer, pose_train_flops
+    from wanjax.distill import objectives
+    from wanjax.training import EMAConfig, Trainer, make_optimizer
     from wanjax.models.pose import frozen_params
     from wanjax.training.loop import peak_flops_per_device
 
@@ -147,19 +147,16 @@ def run_stage(args) -> dict:
     student, critic, teacher = _models(args, mesh)
     batch = _batch(args, n, student.cfg.dit, student.cfg.pose.hidden)
     sample = {k: v[0] for k, v in batch.items()}
-    if args.stage == "ode":
-        F, T = args.frames, (args.height // 16) * (args.width // 16)
-        flops = 3 * dit_forward_flops(student.cfg.dit, F, T, frames_per_block=student.cfg.dit.num_frame_per_block,
-                                      image_tokens=257) + pose_train_flops(student.cfg.pose, 4 * (F - 1) + 1,
-                                                                           args.height, args.width,
-                                                                           cached_trunk=args.pose_trunk == "cached")
-        phases = [Phase("ode", "student", lambda m, b, k: ode.ode_loss(m, b, k), flops_per_sample=flops)]
+    ns = types.SimpleNamespace
+    if args.stage == "ode":  # ODEConfig's defaults (UniAnimate's dropout), the phase and FLOPs train.distill builds
+        cfg = ns(ode=ns(clean_context=True, pose_drop=0.05, image_drop=0.10),
+                 pose_trunk_cached=args.pose_trunk == "cached")
+        phases = objectives.ode_phases(cfg, student, sample)
         opt = make_optimizer(2e-5, frozen=frozen_params(student.cfg.pose))
         trainer = Trainer({"student": student}, {"student": opt}, phases, mesh, ema={"student": EMAConfig(0.99, 0)},
                           offload=args.offload)
         phase = "ode"
     else:
-        ns = types.SimpleNamespace
         cfg = ns(dmd=ns(steps=(1000, 750, 500, 250), shift=5.0, score_shift=8.0, guidance_scale=3.0,
                         context_sigma=0.0, last_step_only=False, gen_update_ratio=1),
                  ode=ns(pose_drop=0.05, image_drop=0.10), pose_trunk_cached=args.pose_trunk == "cached")
