@@ -2,15 +2,15 @@
 shape (21 latent frames x 1,560 tokens, 3-frame blocks, 12 heads x 128): the ways of running it on
 cuDNN, each checked against the library's per-block form and timed. The alternatives live here
 only: ``stacked``, fastest alone, made the whole ODE step slower (its K/V broadcast is rebuilt in
-the rematerialised backward), and ``full_kv`` is no faster alone (docs/PERFORMANCE.md, session 6).
+the rematerialised backward, docs/PERFORMANCE.md, session 6), and ``sliced``, the library's form
+until session 11, copies every block's key prefix (about as fast alone, 26 ms slower per ODE step).
 
     PYTHONPATH=. python -m bench.attention_train [--heads 12] [--frames 21] [--repeats 20]
 
 Variants (all compute the same function):
   per_block   the library (wanjax.attention.block_causal_attention): one call per 3-frame block
-              against a sliced, 64-padded copy of its key prefix
-  full_kv     one call per block against the whole once-padded K/V, the prefix given as
-              key_value_seq_lengths (no prefix copies)
+              against the whole once-padded K/V, its key prefix given as key_value_seq_lengths
+  sliced      one call per block against a sliced, 64-padded copy of its key prefix
   stacked     one call: the 7 query blocks as a batch of 7 against K/V broadcast to it,
               key_value_seq_lengths per batch entry
 Rate references (different functions, same tensors): ``dense`` (no mask, 49/28 of the work) and
@@ -38,15 +38,9 @@ def _cudnn_padded(qp, kp, vp, q_len, kv_len):
                                         key_value_seq_lengths=kv_len)
 
 
-def block_causal_full_kv(q, k, v, spec):
-    """One call per query block against the whole once-padded K/V, its prefix as key_value_seq_lengths."""
-    B, L, H, D = q.shape
-    Tb = spec.tokens_per_frame * spec.frames_per_block
-    kp, vp = A._pad_seq(k, A.CUDNN_SEQ_MULTIPLE), A._pad_seq(v, A.CUDNN_SEQ_MULTIPLE)
-    q_len = jnp.full((B,), Tb, jnp.int32)
-    outs = [_cudnn_padded(A._pad_seq(q[:, b * Tb:(b + 1) * Tb], A.CUDNN_SEQ_MULTIPLE), kp, vp, q_len,
-                          jnp.full((B,), (b + 1) * Tb, jnp.int32))[:, :Tb] for b in range(L // Tb)]
-    return jnp.concatenate(outs, axis=1)
+def block_causal_sliced(q, k, v, spec):
+    """One call per query block against a sliced, 64-padded copy of its key prefix."""
+    return A._per_block(q, k, v, spec, q.shape[1] // spec.tokens_per_frame, A._cudnn)
 
 
 def block_causal_stacked(q, k, v, spec):
@@ -93,7 +87,7 @@ def main(argv=None):
 
     variants = {
         "per_block": lambda q, k, v: A.block_causal_attention(q, k, v, spec, backend="cudnn"),
-        "full_kv": lambda q, k, v: block_causal_full_kv(q, k, v, spec),
+        "sliced": lambda q, k, v: block_causal_sliced(q, k, v, spec),
         "stacked": lambda q, k, v: block_causal_stacked(q, k, v, spec),
         "dense (ref rate)": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
         "causal (ref rate)": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn",
@@ -101,7 +95,7 @@ def main(argv=None):
     }
     work = {"dense (ref rate)": 4 * D * H * L * L, "causal (ref rate)": 4 * D * H * L * L / 2}
     # the form each variant is checked against (same function: the library's; the Mosaic-GPU rows: cuDNN dense)
-    checked_against = {name: "per_block" for name in ("per_block", "full_kv", "stacked")}
+    checked_against = {name: "per_block" for name in ("per_block", "sliced", "stacked")}
     Lm = -(-L // 128) * 128
     if args.mgpu:
         for name, (bq, bkv, bwd) in MGPU_CONFIGS.items():

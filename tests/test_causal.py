@@ -4,6 +4,8 @@ Both sides are the same float32 arithmetic on the same K/V values, differing onl
 order inside the softmax (masked keys vs absent keys) and the per-frame cache writes, so they must
 agree to ~1e-6 of the output scale; 1e-5 leaves margin for reduction-order noise.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,6 +149,41 @@ def test_per_block_path_matches_dense_mask():
         ref = attn_lib.block_causal_attention(q, k, v, spec, backend="xla")
         per = attn_lib._per_block(q, k, v, spec, F, lambda a, b, c: attn_lib.xla_attention(a, b, c))
         np.testing.assert_allclose(np.asarray(per), np.asarray(ref), atol=1e-5)
+
+
+def test_per_block_whole_prefix_form_matches_dense_mask_with_gradients():
+    """The form the cuDNN backend runs: K/V padded once (72 -> 128 keys, as cuDNN's 64-multiple
+    padding), every prefix block attending the whole padded K/V with ``kv_len`` instead of a sliced
+    copy, windowed blocks that start later still sliced. Output and q/k/v gradients against the
+    dense-mask reference in float32; 1e-5 is float32 softmax/matmul rounding (the same arithmetic in
+    another order), while a padded key let in, or a block's keys cut short, moves them by O(0.1)."""
+    rng = np.random.default_rng(2)
+    B, F, T, H, D = 1, 9, 8, 2, 16
+    q, k, v, g = (jnp.asarray(rng.standard_normal((B, F * T, H, D)), jnp.float32) for _ in range(4))
+    calls = []
+
+    def xla_fn(a, b, c, kv_len=None):
+        calls.append((b.shape[1], kv_len))
+        return attn_lib.xla_attention(a, b, c, kv_len=kv_len)
+
+    for spec in (attn_lib.BlockCausalSpec(T, 3), attn_lib.BlockCausalSpec(T, 3, window_frames=5, sink_frames=1),
+                 attn_lib.BlockCausalSpec(T, 3, window_frames=4)):
+        calls.clear()
+
+        def loss(fn, q, k, v):
+            return jnp.sum(fn(q, k, v) * g)
+
+        ref_fn = lambda q, k, v: attn_lib.block_causal_attention(q, k, v, spec, backend="xla")  # noqa: E731
+        per_fn = lambda q, k, v: attn_lib._per_block(q, k, v, spec, F, xla_fn, pad_multiple=64)  # noqa: E731
+        ref, ref_g = ref_fn(q, k, v), jax.grad(functools.partial(loss, ref_fn), argnums=(0, 1, 2))(q, k, v)
+        per, per_g = per_fn(q, k, v), jax.grad(functools.partial(loss, per_fn), argnums=(0, 1, 2))(q, k, v)
+        np.testing.assert_allclose(np.asarray(per), np.asarray(ref), atol=1e-5)
+        for a, b in zip(per_g, ref_g):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        if spec.window_frames is None:  # every block: the whole padded K/V, its prefix as kv_len
+            assert calls[:3] == [(128, 24), (128, 48), (128, 72)]
+        else:  # the first block's range is a prefix; later ones start past frame 0 and are sliced
+            assert calls[0] == (128, 24) and all(kv is None for _, kv in calls[1:3])
 
 
 def test_remat_policies_keep_the_gradients():

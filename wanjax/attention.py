@@ -9,7 +9,8 @@ Backends:
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, bf16/fp16). Masks are
   never handed to cuDNN as dense tensors (that turns into a slow bias): key-validity is a
   ``key_value_seq_lengths`` prefix, and block-causal attention is one unmasked call per block
-  against its prefix (static shapes, unrolled).
+  against its prefix (static shapes, unrolled). A prefix that starts at the first key is given as
+  ``key_value_seq_lengths`` over the whole once-padded K/V, so no block copies its keys.
 - ``"splash"``: Pallas splash attention (TPU) with the block-causal mask evaluated in-kernel.
   Tested in Pallas interpret mode on CPU only; **not yet run on TPU hardware**.
 
@@ -169,14 +170,23 @@ def block_causal_attention(q, k, v, spec: BlockCausalSpec, *, backend: str = "xl
     if backend == "cudnn":
         if spec.bidirectional:
             return _cudnn(q, k, v, None, scale)
-        return _per_block(q, k, v, spec, F, functools.partial(_cudnn, scale=scale))
+        return _per_block(q, k, v, spec, F, functools.partial(_cudnn, scale=scale),
+                          pad_multiple=CUDNN_SEQ_MULTIPLE)
     mask = jnp.asarray(spec.token_mask(F))[None, None]
     return xla_attention(q, k, v, mask=mask, scale=scale)
 
 
-def _per_block(q, k, v, spec: BlockCausalSpec, F: int, attn_fn):
-    """One unmasked call per query block against its (static) visible key range."""
+def _per_block(q, k, v, spec: BlockCausalSpec, F: int, attn_fn, *, pad_multiple: int | None = None):
+    """One unmasked call per query block against its (static) visible key range.
+
+    Without ``pad_multiple`` each block attends a sliced copy of its key range (``attn_fn(q, k, v)``).
+    With it, K/V are zero-padded once to that multiple and a block whose range is a prefix
+    ``[0, end)`` (every block of an unwindowed spec) attends the whole padded K/V with
+    ``attn_fn(q, k, v, kv_len=end)``: cuDNN skips the key tiles past ``kv_len`` and gives them zero
+    gradient, so nothing copies a block's keys, forward or backward (docs/PERFORMANCE.md, session 11:
+    -26 ms per ODE step against the sliced copies). Ranges that start later are still sliced."""
     T, fpb = spec.tokens_per_frame, spec.frames_per_block
+    kp, vp = (k, v) if pad_multiple is None else (_pad_seq(k, pad_multiple), _pad_seq(v, pad_multiple))
     outs = []
     for b in range(F // fpb):
         end = (b + 1) * fpb
@@ -186,6 +196,9 @@ def _per_block(q, k, v, spec: BlockCausalSpec, F: int, attn_fn):
             lo = max(0, end - (spec.window_frames - spec.sink_frames))
             frames = sorted(set(range(min(spec.sink_frames, end))) | set(range(lo, end)))
         qb = q[:, b * fpb * T:end * T]
+        if pad_multiple is not None and frames == list(range(end)):
+            outs.append(attn_fn(qb, kp, vp, kv_len=end * T))
+            continue
         if frames == list(range(frames[0], frames[-1] + 1)):
             kb = k[:, frames[0] * T:(frames[-1] + 1) * T]
             vb = v[:, frames[0] * T:(frames[-1] + 1) * T]
