@@ -184,7 +184,7 @@ def _per_block(q, k, v, spec: BlockCausalSpec, F: int, attn_fn, *, pad_multiple:
     ``[0, end)`` (every block of an unwindowed spec) attends the whole padded K/V with
     ``attn_fn(q, k, v, kv_len=end)``: cuDNN skips the key tiles past ``kv_len`` and gives them zero
     gradient, so nothing copies a block's keys, forward or backward (docs/PERFORMANCE.md, session 11:
-    -26 ms per ODE step against the sliced copies). Ranges that start later are still sliced."""
+    -22 to -26 ms per ODE step against the sliced copies). Ranges that start later are still sliced."""
     T, fpb = spec.tokens_per_frame, spec.frames_per_block
     kp, vp = (k, v) if pad_multiple is None else (_pad_seq(k, pad_multiple), _pad_seq(v, pad_multiple))
     outs = []
