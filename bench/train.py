@@ -137,6 +137,7 @@ def _batch(args, n: int, dcfg, pose_hidden: int = 16) -> dict:
 def run_stage(args) -> dict:
     """One stage in this process: build, compile, time. Returns the row as a dict."""
     from wanjax.distill import objectives
+    from wanjax.distill.ode import ODEConfig
     from wanjax.training import EMAConfig, Trainer, make_optimizer
     from wanjax.models.pose import frozen_params
     from wanjax.training.loop import peak_flops_per_device
@@ -149,8 +150,7 @@ def run_stage(args) -> dict:
     sample = {k: v[0] for k, v in batch.items()}
     ns = types.SimpleNamespace
     if args.stage == "ode":  # ODEConfig's defaults (UniAnimate's dropout), the phase and FLOPs train.distill builds
-        cfg = ns(ode=ns(clean_context=True, pose_drop=0.05, image_drop=0.10),
-                 pose_trunk_cached=args.pose_trunk == "cached")
+        cfg = ns(ode=ODEConfig(), pose_trunk_cached=args.pose_trunk == "cached")
         phases = objectives.ode_phases(cfg, student, sample)
         opt = make_optimizer(2e-5, frozen=frozen_params(student.cfg.pose))
         trainer = Trainer({"student": student}, {"student": opt}, phases, mesh, ema={"student": EMAConfig(0.99, 0)},
@@ -159,7 +159,7 @@ def run_stage(args) -> dict:
     else:
         cfg = ns(dmd=ns(steps=(1000, 750, 500, 250), shift=5.0, score_shift=8.0, guidance_scale=3.0,
                         context_sigma=0.0, last_step_only=False, gen_update_ratio=1),
-                 ode=ns(pose_drop=0.05, image_drop=0.10), pose_trunk_cached=args.pose_trunk == "cached")
+                 ode=ODEConfig(), pose_trunk_cached=args.pose_trunk == "cached")
         phases = objectives.dmd_phases(cfg, student, teacher, critic, sample)
         opt = lambda lr, m: make_optimizer(lr, b1=0.0, b2=0.999, mu_dtype=args.dmd_mu_dtype or None,
                                            frozen=frozen_params(m.cfg.pose))
