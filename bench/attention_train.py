@@ -1,20 +1,26 @@
 """Block-causal self-attention of the ODE training step, forward + backward, one layer at the real
 shape (21 latent frames x 1,560 tokens, 3-frame blocks, 12 heads x 128): the ways of running it on
-cuDNN, each checked against the library's per-block form and timed. The alternatives live here
-only: ``stacked``, fastest alone, made the whole ODE step slower (its K/V broadcast is rebuilt in
-the rematerialised backward, docs/PERFORMANCE.md, session 6), and ``sliced``, the library's form
-until session 11, copies every block's key prefix (about as fast alone, 26 ms slower per ODE step).
+cuDNN, each checked against the per-block form and timed. The library's form since session 12 is
+``split``. The alternatives live here only: ``per_block``, the library's form in session 11 (2.4 ms
+slower per layer alone, 25-40 ms per ODE step); ``stacked``, which made the whole ODE step slower (its
+K/V broadcast is rebuilt in the rematerialised backward, docs/PERFORMANCE.md, session 6); and
+``sliced``, the form until session 11, which copies every block's key prefix (26 ms slower per ODE
+step than ``per_block``).
 
-    PYTHONPATH=. python -m bench.attention_train [--heads 12] [--frames 21] [--repeats 20]
+    PYTHONPATH=. python -m bench.attention_train [--heads 12] [--frames 21] [--repeats 20] [--fp32_ref]
 
 Variants (all compute the same function):
-  per_block   the library (wanjax.attention.block_causal_attention): one call per 3-frame block
-              against the whole once-padded K/V, its key prefix given as key_value_seq_lengths
+  split       the library (wanjax.attention.block_causal_attention): one causal call over the whole
+              sequence plus one batched causal call over the blocks' time-reversed upper triangles,
+              merged by their log-sum-exps (block_causal_split); ``split64`` pads both to 64 tokens
+  per_block   one call per 3-frame block against the whole once-padded K/V, its key prefix given as
+              key_value_seq_lengths
   sliced      one call per block against a sliced, 64-padded copy of its key prefix
   stacked     one call: the 7 query blocks as a batch of 7 against K/V broadcast to it,
               key_value_seq_lengths per batch entry
 Rate references (different functions, same tensors): ``dense`` (no mask, 49/28 of the work) and
-``causal`` (token-causal mask, cuDNN's own masking). ``--mgpu`` adds jax's own Mosaic-GPU flash
+``causal`` (token-causal mask, cuDNN's own masking). Two cross-attention rows (the same queries
+against 512 text keys): the library's form, a batch of query chunks, checked against one call. ``--mgpu`` adds jax's own Mosaic-GPU flash
 kernel (``jax.experimental.pallas.ops.gpu.attention_mgpu``, FA3-style, dense only: it has no causal
 backward) as a further rate reference, to judge a custom block-causal kernel built the same way. Its
 backward is float16-only, so those rows run float16 inputs at L rounded up to a multiple of 128, and
@@ -41,6 +47,12 @@ def _cudnn_padded(qp, kp, vp, q_len, kv_len):
 def block_causal_sliced(q, k, v, spec):
     """One call per query block against a sliced, 64-padded copy of its key prefix."""
     return A._per_block(q, k, v, spec, q.shape[1] // spec.tokens_per_frame, A._cudnn)
+
+
+def block_causal_per_block(q, k, v, spec):
+    """One call per block against the whole once-padded K/V, its prefix as key_value_seq_lengths."""
+    return A._per_block(q, k, v, spec, q.shape[1] // spec.tokens_per_frame, A._cudnn,
+                        pad_multiple=A.CUDNN_SEQ_MULTIPLE)
 
 
 def block_causal_stacked(q, k, v, spec):
@@ -78,6 +90,9 @@ def main(argv=None):
     ap.add_argument("--fpb", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--mgpu", action="store_true", help="add jax's Mosaic-GPU kernel as a rate reference")
+    ap.add_argument("--fp32_ref", action="store_true",
+                    help="also check the block-causal forms against the float32 XLA reference (dense mask: "
+                         "use a short clip, e.g. --frames 6)")
     args = ap.parse_args(argv)
     T, F, H, D, fpb = args.tokens, args.frames, args.heads, 128, args.fpb
     L = F * T
@@ -86,16 +101,26 @@ def main(argv=None):
     useful = 4 * D * H * sum((b + 1) * (fpb * T) ** 2 for b in range(nb))  # forward FLOPs
 
     variants = {
-        "per_block": lambda q, k, v: A.block_causal_attention(q, k, v, spec, backend="cudnn"),
+        "split": lambda q, k, v: A.block_causal_attention(q, k, v, spec, backend="cudnn"),
+        "split64": lambda q, k, v: A.block_causal_split(q, k, v, nb, backend="cudnn", multiple=64),
+        "per_block": lambda q, k, v: block_causal_per_block(q, k, v, spec),
         "sliced": lambda q, k, v: block_causal_sliced(q, k, v, spec),
         "stacked": lambda q, k, v: block_causal_stacked(q, k, v, spec),
         "dense (ref rate)": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
         "causal (ref rate)": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn",
                                                                           is_causal=True),
     }
-    work = {"dense (ref rate)": 4 * D * H * L * L, "causal (ref rate)": 4 * D * H * L * L / 2}
+    # cross-attention against the 512 text tokens: the library runs it as a batch of query chunks
+    # (wanjax.attention.query_chunks), the reference row as one call
+    Lc = 512
+    variants["cross (library, query chunks)"] = lambda q, k, v: A.attention(q, k, v, backend="cudnn")
+    variants["cross, one call"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    kv_tokens = {"cross (library, query chunks)": Lc, "cross, one call": Lc}
+    work = {"dense (ref rate)": 4 * D * H * L * L, "causal (ref rate)": 4 * D * H * L * L / 2,
+            "cross (library, query chunks)": 4 * D * H * L * Lc, "cross, one call": 4 * D * H * L * Lc}
     # the form each variant is checked against (same function: the library's; the Mosaic-GPU rows: cuDNN dense)
-    checked_against = {name: "per_block" for name in ("per_block", "sliced", "stacked")}
+    checked_against = {name: "per_block" for name in ("split", "split64", "per_block", "sliced", "stacked")}
+    checked_against["cross (library, query chunks)"] = "cross, one call"
     Lm = -(-L // 128) * 128
     if args.mgpu:
         for name, (bq, bkv, bwd) in MGPU_CONFIGS.items():
@@ -109,7 +134,9 @@ def main(argv=None):
         # fresh random inputs per variant; the check recomputes its reference form on the same inputs
         mg = name in MGPU_CONFIGS
         shape, dt = ((1, Lm, H, D), jnp.float16) if mg else ((1, L, H, D), jnp.bfloat16)
-        q, k, v = (jax.random.normal(x, shape, jnp.float32).astype(dt) for x in (kq, kk, kv))
+        q = jax.random.normal(kq, shape, jnp.float32).astype(dt)
+        kv_shape = (shape[0], kv_tokens.get(name, shape[1])) + shape[2:]
+        k, v = (jax.random.normal(x, kv_shape, jnp.float32).astype(dt) for x in (kk, kv))
         g = jax.random.normal(kg, shape, jnp.float32).astype(dt)
         fwd = jax.jit(fn)
         fb = jax.jit(lambda q, k, v, g, fn=fn: jax.vjp(fn, q, k, v)[1](g))
@@ -127,6 +154,12 @@ def main(argv=None):
                                      / jnp.linalg.norm(b.astype(jnp.float32)))
             err_o = f"{rel(o, o_ref):.1e}"
             err_g = " ".join(f"{rel(a, b):.1e}" for a, b in zip(gs, g_ref))
+            if args.fp32_ref and checked_against[name] == "per_block":
+                exact = lambda q, k, v: A.block_causal_attention(q, k, v, spec, backend="xla")  # noqa: E731
+                f32 = [x.astype(jnp.float32) for x in (q, k, v, g)]
+                o32, g32 = jax.jit(lambda q, k, v, g: (exact(q, k, v), jax.vjp(exact, q, k, v)[1](g)))(*f32)
+                err_o += f" (fp32: {rel(o, o32):.1e})"
+                err_g += " (fp32: " + " ".join(f"{rel(a, b):.1e}" for a, b in zip(gs, g32)) + ")"
             finite = all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in (o, *gs))
             if not finite:
                 err_o += " NaN!"

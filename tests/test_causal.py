@@ -186,6 +186,88 @@ def test_per_block_whole_prefix_form_matches_dense_mask_with_gradients():
             assert calls[0] == (128, 24) and all(kv is None for _, kv in calls[1:3])
 
 
+def test_split_form_matches_dense_mask_with_gradients():
+    """The form the cuDNN backend runs for unwindowed specs: token-causal attention plus each block's
+    strict upper triangle (time-reversed), merged through their log-sum-exps, with a backward that
+    runs each part's flash backward from the *merged* output and log-sum-exp. On the XLA kernel pair,
+    in float32, against the dense block-causal mask: output and q/k/v gradients within 1e-5 (float32
+    rounding of the same sums in another order). A wrong merge weight, a token in the wrong part, a
+    missing or doubled diagonal, or a partial backward using its own statistics moves them by O(0.1).
+    Batch 2, blocks of one and three frames, without padding and with padding to a multiple (the
+    padded keys must stay invisible to real queries in both parts)."""
+    rng = np.random.default_rng(3)
+    B, F, T, H, D = 2, 6, 5, 2, 8
+    q, k, v, g = (jnp.asarray(rng.standard_normal((B, F * T, H, D)), jnp.float32) for _ in range(4))
+    for fpb, multiple in ((3, 1), (3, 8), (1, 4), (6, 16)):
+        spec = attn_lib.BlockCausalSpec(T, fpb)
+        ref_fn = lambda q, k, v: attn_lib.block_causal_attention(q, k, v, spec, backend="xla")  # noqa: E731
+        split_fn = lambda q, k, v: attn_lib.block_causal_split(q, k, v, F // fpb, backend="xla",  # noqa: E731
+                                                               multiple=multiple)
+        ref, ref_vjp = jax.vjp(ref_fn, q, k, v)
+        out, out_vjp = jax.vjp(split_fn, q, k, v)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+        for a, b in zip(out_vjp(g), ref_vjp(g)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    with pytest.raises(ValueError, match="equal blocks"):
+        attn_lib.block_causal_split(q, k, v, 4)
+
+
+def test_split_form_residuals_are_kept_by_the_attention_policies():
+    """Under a remat policy that keeps attention (``attention``, ``attention_proj``, ``dots``) the
+    split form's merged output and log-sum-exp are saved, so its kernels do not run again in the
+    backward; under ``full`` nothing is saved. Checked through the residuals JAX reports."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((1, 24, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((16, 48)), jnp.float32) * 0.3
+
+    def layer(x, w):
+        qkv = jnp.tanh(x @ w).reshape(1, 24, 3, 2, 8)
+        o = attn_lib.block_causal_split(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], 3, backend="xla")
+        return jnp.sum(jnp.sin(o))
+
+    for policy, kept in (("full", False), ("attention", True), ("attention_proj", True), ("dots", True)):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            print_saved_residuals(jax.checkpoint(layer, policy=dit_lib.remat_policy(policy, "cudnn")), x, w)
+        named = buf.getvalue().count(f"named '{attn_lib.SPLIT_RESIDUAL_NAME}'")
+        assert named == (2 if kept else 0), (policy, buf.getvalue())
+        g = jax.grad(jax.checkpoint(layer, policy=dit_lib.remat_policy(policy, "cudnn")), argnums=1)(x, w)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(jax.grad(layer, argnums=1)(x, w)), rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_wrapper_padding_and_query_chunks_on_the_reference_kernel(monkeypatch):
+    """``_cudnn``'s own logic (K/V padded to 64 and masked with ``key_value_seq_lengths``, queries
+    unpadded, short key sets run as a batch of query chunks with K/V broadcast through float32), run
+    on the CPU by standing the XLA reference in for cuDNN. Output and q/k/v gradients against plain
+    attention in float32 within 1e-5 (the same sums in another order); a chunk seeing the wrong keys,
+    a padded key let in, or a lost chunk gradient moves them by O(0.1)."""
+    def fake_cudnn(q, k, v, *, scale=None, implementation=None, key_value_seq_lengths=None, **kw):
+        assert implementation == "cudnn" and not kw
+        assert k.shape[1] % attn_lib.CUDNN_SEQ_MULTIPLE == 0
+        return attn_lib.xla_attention(q, k, v, kv_len=key_value_seq_lengths, scale=scale)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+    assert attn_lib.query_chunks(32760, 512) == 15 and attn_lib.query_chunks(32760, 32760) == 1
+    assert attn_lib.query_chunks(4680, 512) == 2 and attn_lib.query_chunks(600, 40) == 1
+    rng = np.random.default_rng(5)
+    for B, Lq, Lk, kv_len, n in ((2, 4096 * 3, 100, None, 6), (1, 96, 72, 40, 1), (2, 60, 64, None, 1)):
+        assert attn_lib.query_chunks(Lq, Lk) == n
+        q, g = (jnp.asarray(rng.standard_normal((B, Lq, 2, 8)), jnp.float32) for _ in range(2))
+        k, v = (jnp.asarray(rng.standard_normal((B, Lk, 2, 8)), jnp.float32) for _ in range(2))
+        ref_fn = lambda q, k, v: attn_lib.xla_attention(q, k, v, kv_len=kv_len)  # noqa: E731
+        fn = lambda q, k, v: attn_lib._cudnn(q, k, v, kv_len)  # noqa: E731
+        ref, ref_vjp = jax.vjp(ref_fn, q, k, v)
+        out, out_vjp = jax.vjp(fn, q, k, v)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+        for a, b in zip(out_vjp(g), ref_vjp(g)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_remat_policies_keep_the_gradients():
     """Every ``remat_policy`` only changes what the backward pass keeps versus recomputes: loss and
     parameter gradients equal the un-rematerialised ones (full-sequence block-causal forward and the

@@ -134,13 +134,16 @@ class WanDiTConfig:
 REMAT_POLICIES = ("full", "attention", "attention_proj", "dots")
 _SAVED_NAMES = {"attention": ("attn",), "attention_proj": ("attn", "qkv", "attn_proj", "cross_out"),
                 "dots": ("attn",)}  # (plus every matmul output without batch dims, below)
+# With cuDNN, "attn" is replaced by the attention's own residuals: the kernel outputs of the per-block
+# form (``_is_self_attention_kernel``) or the split form's merged output and log-sum-exp (tagged).
 
 
 def _is_self_attention_kernel(prim, *avals) -> bool:
     """A fused-attention forward (cuDNN's ``dot_product_attention_fwd[_wrapper]``, whose outputs are
     the attention result *and* the softmax statistics its backward needs) over at least as many keys
     as queries: self-attention (a block against its prefix). Cross-attention (32,760 queries against
-    512 text / 257 CLIP keys) is ~2% of the attention FLOPs but as large to keep: it is recomputed."""
+    512 text / 257 CLIP keys) is ~2% of the attention FLOPs but as large to keep: it is recomputed
+    (keeping it under ``dots`` saved ~3 ms per ODE step for 3.4 GiB, docs/PERFORMANCE.md, session 12)."""
     if not prim.name.startswith("dot_product_attention_fwd") or len(avals) < 2:
         return False
     q, k = avals[0], avals[1]
@@ -156,8 +159,8 @@ def remat_policy(name: str, backend: str = "xla"):
     if name == "full":
         return cp.nothing_saveable
     names = _SAVED_NAMES[name]
-    if backend == "cudnn":
-        names = tuple(n for n in names if n != "attn")
+    if backend == "cudnn" and "attn" in names:
+        names = tuple(n for n in names if n != "attn") + (attn_lib.SPLIT_RESIDUAL_NAME,)
     by_name = cp.save_only_these_names(*names) if names else cp.nothing_saveable
     dots = cp.dots_with_no_batch_dims_saveable if name == "dots" else cp.nothing_saveable
     return lambda prim, *args, **params: (_is_self_attention_kernel(prim, *args) or by_name(prim, *args, **params)
