@@ -168,9 +168,11 @@ def test_sigterm_saves_and_resume_continues_exactly(reference, tmp_path):
     assert not np.array_equal(np.asarray(ema["dit"]["head"]["head"]["kernel"]),
                               np.asarray(r2.state.models["student"].params["dit"]["head"]["head"]["kernel"]))
 
-    # resuming with a changed batch size is refused with the setting named
+    # resuming with a changed batch size, or a pose trunk frozen half-way, is refused with the setting named
     with pytest.raises(CheckpointMismatch, match="batch_size"):
         objectives.run(_cfg(tmp_path / "run", batch_size=4, **{"data.dir": str(targets)}))
+    with pytest.raises(CheckpointMismatch, match="pose_trunk_trainable: checkpoint True, this run False"):
+        objectives.run(_cfg(tmp_path / "run", pose_trunk_trainable=False, **{"data.dir": str(targets)}))
 
 
 def test_finished_checkpoints_survive_failures(reference, tmp_path):

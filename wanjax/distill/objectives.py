@@ -448,11 +448,15 @@ def make_validator(cfg, samples: Sequence[Mapping[str, np.ndarray]], ids: Sequen
 # The run
 # ----------------------------------------------------------------------------------------------
 def fingerprint(cfg) -> dict:
-    """Settings a checkpoint must agree with to be resumed."""
+    """Settings a checkpoint must agree with to be resumed. The pose trunk's settings are here too:
+    ``pose_trunk_trainable`` decides which parameters the optimizer moves, and ``pose_trunk_cached``
+    which features the batches carry (the trunk's tokens from the frames or from the targets). A
+    checkpoint written before a key existed resumes (only keys it holds are compared)."""
     return {"objective": cfg.objective, "student_preset": cfg.student.preset,
             "teacher_preset": cfg.teacher.preset if cfg.objective == "dmd" else None,
             "batch_size": int(cfg.batch_size), "accum_steps": int(cfg.accum_steps), "data_seed": int(cfg.data.seed),
-            "master_dtype": cfg.master_dtype}
+            "master_dtype": cfg.master_dtype, "pose_trunk_trainable": bool(cfg.get("pose_trunk_trainable", True)),
+            "pose_trunk_cached": _trunk_cached(cfg)}
 
 
 def make_mesh(cfg):
