@@ -1,10 +1,10 @@
 """Block-causal self-attention of the ODE training step, forward + backward, one layer at the real
 shape (21 latent frames x 1,560 tokens, 3-frame blocks, 12 heads x 128): the ways of running it on
 cuDNN, each checked against the per-block form and timed. The library's form since session 12 is
-``split``. The alternatives live here only: ``per_block``, the library's form in session 11 (2.4 ms
-slower per layer alone, 25-40 ms per ODE step); ``stacked``, which made the whole ODE step slower (its
-K/V broadcast is rebuilt in the rematerialised backward, docs/PERFORMANCE.md, session 6); and
-``sliced``, the form until session 11, which copies every block's key prefix (26 ms slower per ODE
+``split``. The alternatives live here only: ``per_block``, the library's form in session 11 (1.7-2.6
+ms slower per layer alone, 25-45 ms per ODE step); ``stacked``, which made the whole ODE step slower
+(its K/V broadcast is rebuilt in the rematerialised backward, docs/PERFORMANCE.md, session 6); and
+``sliced``, the form before session 11, which copies every block's key prefix (26 ms slower per ODE
 step than ``per_block``).
 
     PYTHONPATH=. python -m bench.attention_train [--heads 12] [--frames 21] [--repeats 20] [--fp32_ref]
@@ -20,8 +20,8 @@ Variants (all compute the same function):
               key_value_seq_lengths per batch entry
 Rate references (different functions, same tensors): ``dense`` (no mask, 49/28 of the work) and
 ``causal`` (token-causal mask, cuDNN's own masking). Two cross-attention rows (the same queries
-against 512 text keys): the library's form, a batch of query chunks, checked against one call. ``--mgpu`` adds jax's own Mosaic-GPU flash
-kernel (``jax.experimental.pallas.ops.gpu.attention_mgpu``, FA3-style, dense only: it has no causal
+against 512 text keys): the library's form, a batch of query chunks, checked against one call.
+``--mgpu`` adds jax's own Mosaic-GPU flash kernel (``jax.experimental.pallas.ops.gpu.attention_mgpu``, FA3-style, dense only: it has no causal
 backward) as a further rate reference, to judge a custom block-causal kernel built the same way. Its
 backward is float16-only, so those rows run float16 inputs at L rounded up to a multiple of 128, and
 are checked against cuDNN dense on the same inputs.
