@@ -240,6 +240,22 @@ def test_split_form_residuals_are_kept_by_the_attention_policies():
         np.testing.assert_allclose(np.asarray(g), np.asarray(jax.grad(layer, argnums=1)(x, w)), rtol=1e-5, atol=1e-6)
 
 
+def test_cudnn_backward_binding_matches_the_installed_jax():
+    """``_cudnn_causal_bwd`` binds jax's private cuDNN backward primitive by hand. Abstract evaluation
+    and lowering for CUDA need no GPU, so a jax whose primitive takes other operands or keywords
+    fails here, on the CPU, instead of on the first GPU run (a missing keyword fails the lowering):
+    dq, dk, dv must have q's, k's and v's shapes and dtypes, and the lowered module must hold cuDNN's
+    fused-attention backward call."""
+    B, L, H, D = 2, 128, 4, 64
+    x = jax.ShapeDtypeStruct((B, L, H, D), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((B, H, L), jnp.float32)
+    fn = jax.jit(lambda q, k, v, o, s, do: attn_lib._cudnn_causal_bwd(q, k, v, o, s, do, D ** -0.5))
+    out = jax.eval_shape(fn, x, x, x, x, lse, x)
+    assert [(a.shape, a.dtype) for a in out] == [((B, L, H, D), jnp.bfloat16)] * 3
+    text = fn.trace(x, x, x, x, lse, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "fmhaSoftmaxBackward" in text, text[:2000]
+
+
 def test_cudnn_wrapper_padding_and_query_chunks_on_the_reference_kernel(monkeypatch):
     """``_cudnn``'s own logic (K/V padded to 64 and masked with ``key_value_seq_lengths``, queries
     unpadded, short key sets run as a batch of query chunks with K/V broadcast through float32), run
