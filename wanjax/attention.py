@@ -52,9 +52,10 @@ def default_backend() -> str:
 # ----------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------
-def xla_attention(q, k, v, *, mask=None, kv_len=None, scale: float | None = None):
+def xla_attention(q, k, v, *, mask=None, kv_len=None, scale: float | None = None, return_lse: bool = False):
     """Reference attention. ``mask`` is boolean, broadcastable to [B, H, Lq, Lk] (True = attend);
-    ``kv_len`` ([B] int) masks keys at positions >= kv_len."""
+    ``kv_len`` ([B] int) masks keys at positions >= kv_len. ``return_lse`` also returns the
+    log-sum-exp of the scaled, masked scores, [B, H, Lq] float32 (a flash kernel's statistics)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if kv_len is not None:
@@ -63,8 +64,8 @@ def xla_attention(q, k, v, *, mask=None, kv_len=None, scale: float | None = None
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
     p = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v,
-                      preferred_element_type=jnp.float32).astype(q.dtype)
+    o = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+    return (o, jax.nn.logsumexp(logits, axis=-1)) if return_lse else o
 
 
 CUDNN_SEQ_MULTIPLE = 64  # K/V lengths are padded to this multiple (and masked) for cuDNN
@@ -248,12 +249,7 @@ def _per_block(q, k, v, spec: BlockCausalSpec, F: int, attn_fn, *, pad_multiple:
 def _xla_causal_fwd(q, k, v, scale):
     """Reference causal kernel: (output, log-sum-exp)."""
     L = q.shape[1]
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(jnp.tril(jnp.ones((L, L), bool)), s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)
-    p = jnp.exp(s - lse[..., None])
-    o = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o.astype(q.dtype), lse
+    return xla_attention(q, k, v, mask=jnp.tril(jnp.ones((L, L), bool)), scale=scale, return_lse=True)
 
 
 def _xla_causal_bwd(q, k, v, o, lse, do, scale):
@@ -334,11 +330,12 @@ def _split_parts(q, k, v, nb: int, multiple: int):
     return lo, up
 
 
-def _upper_rows_to_seq(a, B: int, Tb: int, fill):
-    """Upper-part rows ``[B * nb, Tu_padded, ...]`` -> ``[B, L, ...]`` in original token order; every
-    block's last token (no later keys) gets ``fill``."""
+def _upper_rows_to_seq(a, B: int, Tb: int, fill, *, keys: bool = False):
+    """Upper-part rows ``[B * nb, Tu_padded, ...]`` -> ``[B, L, ...]`` in original token order. Query
+    rows lack every block's last token (it has no later keys), key rows its first (no earlier query
+    sees it there); the missing token gets ``fill``."""
     a = a[:, :Tb - 1]
-    a = jnp.pad(a, ((0, 0), (1, 0)) + ((0, 0),) * (a.ndim - 2), constant_values=fill)
+    a = jnp.pad(a, ((0, 0), (0, 1) if keys else (1, 0)) + ((0, 0),) * (a.ndim - 2), constant_values=fill)
     return _from_upper(a, B)
 
 
@@ -398,10 +395,8 @@ def _split_attention_bwd(nb, kernels, scale, multiple, res, do):
                               _seq_to_upper_rows(do, nb, multiple), scale)
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     dq = f32(dq_lo[:, :L]) + _upper_rows_to_seq(f32(dq_up), B, Tb, 0.0)
-    # the upper keys are each block's tokens Tb-1 .. 1: reverse them back, token 0 gets nothing
-    dk_u, dv_u = (jnp.pad(f32(a[:, :Tb - 1])[:, ::-1], ((0, 0), (1, 0), (0, 0), (0, 0))) for a in (dk_up, dv_up))
-    dk = f32(dk_lo[:, :L]) + dk_u.reshape((B, L) + dk_u.shape[2:])
-    dv = f32(dv_lo[:, :L]) + dv_u.reshape((B, L) + dv_u.shape[2:])
+    dk = f32(dk_lo[:, :L]) + _upper_rows_to_seq(f32(dk_up), B, Tb, 0.0, keys=True)
+    dv = f32(dv_lo[:, :L]) + _upper_rows_to_seq(f32(dv_up), B, Tb, 0.0, keys=True)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
