@@ -15,7 +15,8 @@ model TFLOP per step, MFU.
 
 ``--remat_policy`` (default ``attention``, as configs/distill.py) picks what a rematerialised block
 keeps (``wanjax.models.dit.REMAT_POLICIES``) and ``--remat_dots_layers N`` lets the first N blocks keep
-every matmul output instead; ``--pose_conv`` the pose stack's 3-D conv form;
+every matmul output instead; ``--unroll_layers`` unrolls the DiT's layer scans
+(``WanDiTConfig.unroll_layers``); ``--pose_conv`` the pose stack's 3-D conv form;
 ``--pose_time_chunk`` (default 0 = whole video, as configs/distill.py) the latent frames per pass of
 the pose stacks; ``--offload`` keeps optimizer state and EMA in pinned host memory (``Trainer(offload=True)``);
 ``--pose_trunk frozen`` keeps the pose stack's trunk out of the gradient (configs/distill.py
@@ -82,6 +83,7 @@ def _models(args, mesh):
                                            remat=remat, remat_policy=args.remat_policy,
                                            remat_dots_layers=args.remat_dots_layers if remat else 0,
                                            residual_dtype=args.residual_dtype if remat else "float32",
+                                           unroll_layers=args.unroll_layers,
                                            max_frames=max(args.frames, pc.dit.max_frames)),
                         pose=dataclasses.replace(pc.pose, remat=remat, time_chunk=args.pose_time_chunk or None,
                                                  train_trunk=args.pose_trunk == "trained"))
@@ -242,7 +244,7 @@ def run_stage(args) -> dict:
             "teacher": args.teacher if phase != "ode" else None, "remat_policy": args.remat_policy,
             "pose_conv": args.pose_conv, "pose_time_chunk": args.pose_time_chunk, "offload": args.offload,
             "pose_trunk": args.pose_trunk, "remat_dots_layers": args.remat_dots_layers,
-            "residual_dtype": args.residual_dtype,
+            "residual_dtype": args.residual_dtype, "unroll_layers": args.unroll_layers,
             "memory_gib": mem, "determinism": determinism,
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
@@ -294,6 +296,8 @@ def main(argv=None):
                     help="the first N DiT blocks keep every matmul output (WanDiTConfig.remat_dots_layers)")
     ap.add_argument("--residual_dtype", default="float32", choices=RESIDUAL_DTYPES,
                     help="the trained models' residual-stream storage (WanDiTConfig.residual_dtype)")
+    ap.add_argument("--unroll_layers", action="store_true",
+                    help="unroll the DiT's layer scans (WanDiTConfig.unroll_layers: no stacked residuals)")
     ap.add_argument("--pose_conv", default="3d",
                     help="comma-separated pose-stack conv implementations (3d, fold, auto) to compare")
     ap.add_argument("--pose_trunk", choices=("trained", "frozen", "cached"), default="trained",

@@ -49,6 +49,11 @@ def _base() -> ml_collections.ConfigDict:
                                       # bfloat16 (diffusers' layout; Self-Forcing trains with every add in bf16).
                                       # The adds still run in fp32. H100 ODE step: 1.750 -> 1.727 s, -2 GiB
                                       # (docs/PERFORMANCE.md, session 9)
+    c.unroll_layers = False           # unroll the student's / critic's layer scans into straight-line code: no stacked
+                                      # residual buffers (their zero-fills, copies and transposes). Same function.
+                                      # H100 ODE step (remat_dots_layers 18 -> 25, which its lower memory allows,
+                                      # residual_dtype bf16, pose_trunk_cached): 1.580 -> 1.516 s; compile 45 -> 95 s
+                                      # (docs/PERFORMANCE.md, session 13). DMD steps not measured with it, so off
     c.pose_time_chunk = 0             # latent frames per pass of the pose stacks (0: whole video in one pass).
                                       # Exact. Measured on an H100 (21 frames, 480x832) at 3: ODE step 2.02 ->
                                       # 2.52 s and the DMD generator's temporaries 32.6 -> 40.0 GiB, so off

@@ -343,6 +343,40 @@ def test_remat_policies_keep_the_gradients():
         dit_lib.scan_layers(lambda c, x: (c, None), 0.0, jnp.zeros(2), _model(remat=True, remat_dots_layers=-1).cfg)
 
 
+@pytest.mark.parametrize("policy,n_dots", [("attention", 2), ("full", 0), ("dots", 0)])
+def test_unrolled_layer_scans_equal_the_rolled_ones(policy, n_dots):
+    """``unroll_layers`` changes only how XLA sees the layer loop (straight-line code instead of a
+    while loop with stacked residuals): loss and gradients equal the rolled scan's, the unrolled
+    program has no loop left, and each rematerialised block is fenced (prevent_cse) so that XLA
+    cannot merge its recomputation into the forward and defeat the remat."""
+    x, t, ctx = _data(6, seed=5)
+
+    def loss_and_grads(unroll):
+        # 4 blocks: with remat_dots_layers=2 both layer scans have 2 steps (a 1-step scan is a loop either way)
+        m = _model(max_frames=6, num_layers=4, remat=True, remat_policy=policy, remat_dots_layers=n_dots,
+                   unroll_layers=unroll)
+        gd, st = nnx.split(m)
+
+        def loss(s):
+            mm = nnx.merge(gd, s)
+            return jnp.mean(mm(x, t, ckv=mm.context_kv(ctx), causal=True) ** 2)
+
+        f = jax.jit(jax.value_and_grad(loss))
+        return f(st), f.lower(st).as_text()
+
+    (l0, g0), hlo0 = loss_and_grads(False)
+    (l1, g1), hlo1 = loss_and_grads(True)
+    # float32, same ops in the same order per block: equal up to XLA's fusion choices
+    assert abs(float(l1) - float(l0)) <= 1e-6 * abs(float(l0))
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    # the rolled program loops over the layers in each layer scan, forward and backward (two scans with
+    # remat_dots_layers); the unrolled one does not. (context_kv's own scan stays a loop in both.)
+    scans = 2 if n_dots else 1
+    assert hlo0.count("stablehlo.while") - hlo1.count("stablehlo.while") == 2 * scans
+    assert "optimization_barrier" in hlo1 and "optimization_barrier" not in hlo0
+
+
 def test_bf16_residual_stream_cached_full_and_gradients():
     """``residual_dtype="bfloat16"`` (the stream stored in bf16, adds in fp32): the tokens the layer
     scan carries are bf16; the KV-cached blocks still equal the block-masked forward; and the

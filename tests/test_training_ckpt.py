@@ -221,8 +221,10 @@ def test_bad_inputs_name_the_item(tmp_path):
     with pytest.raises(objectives.DistillError, match=r"--config\.residual_dtype='float16'.*bfloat16"):
         objectives.run(cfg, dataset=random_targets(2))
     # (and a valid one reaches the student's DiT)
-    cfg = tiny_cfg(tmp_path / "w", residual_dtype="bfloat16")
+    cfg = tiny_cfg(tmp_path / "w", residual_dtype="bfloat16", unroll_layers=True)
     assert objectives.student_config(cfg).dit.residual_dtype == "bfloat16"
+    assert objectives.student_config(cfg).dit.unroll_layers is True
+    assert objectives.student_config(tiny_cfg(tmp_path / "w")).dit.unroll_layers is False
     # a corrupt target shard: the data error names the sample and the shard file
     targets = write_targets(random_targets(2), tmp_path / "targets")
     shard = next(targets.glob("shard-*.safetensors"))

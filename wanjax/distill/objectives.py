@@ -90,7 +90,8 @@ def _trained_numerics(cfg) -> dict:
     """The numerics keywords of :func:`_with_numerics` shared by the trained models (student, critic)."""
     return dict(dtype=cfg.compute_dtype, param_dtype=cfg.master_dtype, attention=cfg.attention, remat=cfg.remat,
                 remat_policy=cfg.get("remat_policy", "full"), remat_dots_layers=cfg.get("remat_dots_layers", 0),
-                residual_dtype=_residual_dtype(cfg), pose_time_chunk=cfg.get("pose_time_chunk", 0),
+                residual_dtype=_residual_dtype(cfg), unroll_layers=bool(cfg.get("unroll_layers", False)),
+                pose_time_chunk=cfg.get("pose_time_chunk", 0),
                 train_pose_trunk=cfg.get("pose_trunk_trainable", True))
 
 
