@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import wanjax  # noqa: F401
 from wanjax.distill import objectives
@@ -274,3 +275,22 @@ def test_ema_rule():
     np.testing.assert_array_equal(np.asarray(e1["w"]), np.ones(3))
     e2 = st.ema_update(e1, {"w": jnp.full(3, 3.0)}, jnp.int32(2), cfg)
     np.testing.assert_allclose(np.asarray(e2["w"]), np.full(3, 0.9 * 1 + 0.1 * 3), rtol=1e-7)
+
+
+def test_export_resets_the_training_only_dit_fields(tmp_path):
+    """How the student spent memory on its backward pass (remat, remat_dots_layers, unroll_layers) does
+    not change its function, so the inference export writes the defaults; the weights and everything
+    else in the config are kept."""
+    from wanjax.checkpoint import read_config
+    from wanjax.models import dit as dit_lib
+    from wanjax.training import export_inference
+    from wanjax.training.ckpt import TRAINING_ONLY_DIT_FIELDS
+
+    cfg = dit_lib.get_config("tiny", remat=True, remat_policy="attention", remat_dots_layers=1, unroll_layers=True,
+                             residual_dtype="bfloat16")
+    model = dit_lib.WanDiT(cfg, rngs=nnx.Rngs(0))
+    export_inference(model, tmp_path / "export")
+    saved = read_config(tmp_path / "export" / "dit")
+    assert {k: saved[k] for k in TRAINING_ONLY_DIT_FIELDS} == TRAINING_ONLY_DIT_FIELDS
+    assert saved["residual_dtype"] == "bfloat16" and saved["num_layers"] == cfg.num_layers
+    assert model.cfg.unroll_layers        # the trained model itself is untouched

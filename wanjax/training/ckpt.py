@@ -177,11 +177,16 @@ class PreemptionGuard:
         return False
 
 
+# How a trained DiT spent memory on its backward pass: no effect on its function, so an inference
+# checkpoint carries the defaults (an unrolled layer loop would only double a full forward's compile time)
+TRAINING_ONLY_DIT_FIELDS = dict(remat=False, remat_policy="full", remat_dots_layers=0, unroll_layers=False)
+
+
 def export_inference(model: nnx.Module, out_dir: str | os.PathLike, *, provenance: Mapping[str, Any] | None = None,
                      link_from: str | os.PathLike | None = None, overwrite: bool = True) -> Path:
     """Write ``model`` (a ``wanjax.models.unianimate.PoseDiT`` or a plain ``WanDiT``) as an inference
-    checkpoint root: ``out_dir/dit`` and, for a PoseDiT, ``out_dir/pose``. Each is atomic
-    (``wanjax.checkpoint.save_model``). ``link_from`` (a converted checkpoint root) symlinks its
+    checkpoint root: ``out_dir/dit`` (its config with ``TRAINING_ONLY_DIT_FIELDS`` reset) and, for a
+    PoseDiT, ``out_dir/pose``. Each is atomic (``wanjax.checkpoint.save_model``). ``link_from`` (a converted checkpoint root) symlinks its
     ``vae/ clip/ t5/ tokenizer/`` next to them so that ``--config.ckpt_dir=out_dir`` is complete."""
     from wanjax.checkpoint import save_model
     from wanjax.models.dit import WanDiT
@@ -190,7 +195,8 @@ def export_inference(model: nnx.Module, out_dir: str | os.PathLike, *, provenanc
     out.mkdir(parents=True, exist_ok=True)
     prov = dict(provenance or {})
     dit = model if isinstance(model, WanDiT) else model.dit
-    save_model(dit, out / "dit", {"model": "dit", **dit.cfg.to_dict(), "source": prov}, overwrite=overwrite)
+    dit_cfg = dit.cfg.replace(**TRAINING_ONLY_DIT_FIELDS).to_dict()
+    save_model(dit, out / "dit", {"model": "dit", **dit_cfg, "source": prov}, overwrite=overwrite)
     pose = getattr(model, "pose", None)
     if pose is not None:
         save_model(pose, out / "pose", {"model": "pose_conditioner", **pose.cfg.to_dict(), "source": prov},
