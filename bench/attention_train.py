@@ -22,9 +22,9 @@ Rate references (different functions, same tensors): ``dense`` (no mask, 49/28 o
 ``causal`` (token-causal mask, cuDNN's own masking). Two cross-attention rows (the same queries
 against 512 text keys): the library's form, a batch of query chunks, checked against one call.
 ``--mgpu`` adds jax's own Mosaic-GPU flash kernel (``jax.experimental.pallas.ops.gpu.attention_mgpu``,
-FA3-style, dense only: it has no causal backward) as a further rate reference, to judge a custom block-causal kernel built the same way. Its
-backward is float16-only, so those rows run float16 inputs at L rounded up to a multiple of 128, and
-are checked against cuDNN dense on the same inputs.
+FA3-style, dense only: it has no causal backward) as a further rate reference, to judge a custom
+block-causal kernel built the same way. Its backward is float16-only, so those rows run float16
+inputs at L rounded up to a multiple of 128, and are checked against cuDNN dense on the same inputs.
 """
 from __future__ import annotations
 

@@ -194,15 +194,17 @@ def scan_layers(body, carry, xs, cfg: "WanDiTConfig"):
         raise ValueError(f"remat_dots_layers={cfg.remat_dots_layers}: must be >= 0 (0 = off; "
                          f"{cfg.num_layers} or more = every block)")
     unroll = bool(cfg.unroll_layers)
+
+    def scan(carry, xs, policy=None):  # unrolled bodies must be CSE-fenced (see ``remat``)
+        return jax.lax.scan(remat(body, cfg, policy, unrolled=unroll), carry, xs, unroll=unroll)
+
     n = min(int(cfg.remat_dots_layers), cfg.num_layers) if cfg.remat else 0
     if n == 0 or cfg.remat_policy == "dots":
-        return jax.lax.scan(remat(body, cfg, unrolled=unroll), carry, xs, unroll=unroll)
-    head = jax.tree.map(lambda a: a[:n], xs)
-    carry, ys_head = jax.lax.scan(remat(body, cfg, "dots", unrolled=unroll), carry, head, unroll=unroll)
+        return scan(carry, xs)
+    carry, ys_head = scan(carry, jax.tree.map(lambda a: a[:n], xs), "dots")
     if n == cfg.num_layers:
         return carry, ys_head
-    tail = jax.tree.map(lambda a: a[n:], xs)
-    carry, ys_tail = jax.lax.scan(remat(body, cfg, unrolled=unroll), carry, tail, unroll=unroll)
+    carry, ys_tail = scan(carry, jax.tree.map(lambda a: a[n:], xs))
     return carry, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys_head, ys_tail)
 
 

@@ -186,8 +186,9 @@ def export_inference(model: nnx.Module, out_dir: str | os.PathLike, *, provenanc
                      link_from: str | os.PathLike | None = None, overwrite: bool = True) -> Path:
     """Write ``model`` (a ``wanjax.models.unianimate.PoseDiT`` or a plain ``WanDiT``) as an inference
     checkpoint root: ``out_dir/dit`` (its config with ``TRAINING_ONLY_DIT_FIELDS`` reset) and, for a
-    PoseDiT, ``out_dir/pose``. Each is atomic (``wanjax.checkpoint.save_model``). ``link_from`` (a converted checkpoint root) symlinks its
-    ``vae/ clip/ t5/ tokenizer/`` next to them so that ``--config.ckpt_dir=out_dir`` is complete."""
+    PoseDiT, ``out_dir/pose``. Each is atomic (``wanjax.checkpoint.save_model``). ``link_from`` (a
+    converted checkpoint root) symlinks its ``vae/ clip/ t5/ tokenizer/`` next to them so that
+    ``--config.ckpt_dir=out_dir`` is complete."""
     from wanjax.checkpoint import save_model
     from wanjax.models.dit import WanDiT
 
