@@ -154,7 +154,7 @@ def run_stage(args) -> dict:
     if args.stage == "ode":  # ODEConfig's defaults (UniAnimate's dropout), the phase and FLOPs train.distill builds
         cfg = ns(ode=ODEConfig(), pose_trunk_cached=args.pose_trunk == "cached")
         phases = objectives.ode_phases(cfg, student, sample)
-        opt = make_optimizer(2e-5, frozen=frozen_params(student.cfg.pose))
+        opt = make_optimizer(2e-5, mu_dtype=args.ode_mu_dtype or None, frozen=frozen_params(student.cfg.pose))
         trainer = Trainer({"student": student}, {"student": opt}, phases, mesh, ema={"student": EMAConfig(0.99, 0)},
                           offload=args.offload)
         phase = "ode"
@@ -245,6 +245,7 @@ def run_stage(args) -> dict:
             "pose_conv": args.pose_conv, "pose_time_chunk": args.pose_time_chunk, "offload": args.offload,
             "pose_trunk": args.pose_trunk, "remat_dots_layers": args.remat_dots_layers,
             "residual_dtype": args.residual_dtype, "unroll_layers": args.unroll_layers,
+            "mu_dtype": (args.ode_mu_dtype if phase == "ode" else args.dmd_mu_dtype) or "float32",
             "memory_gib": mem, "determinism": determinism,
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
@@ -290,6 +291,8 @@ def main(argv=None):
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak (0: from the device kind)")
     ap.add_argument("--dmd_mu_dtype", default="bfloat16",
                     help="Adam first-moment dtype of the DMD stages (configs/distill.py: bfloat16; '' = fp32)")
+    ap.add_argument("--ode_mu_dtype", default="",
+                    help="Adam first-moment dtype of the ODE stage (configs/distill.py optim.mu_dtype; '' = fp32)")
     ap.add_argument("--remat_policy", default="attention",
                     help="comma-separated wanjax.models.dit.REMAT_POLICIES to compare (one row each)")
     ap.add_argument("--remat_dots_layers", type=int, default=0,

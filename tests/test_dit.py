@@ -182,3 +182,51 @@ def test_patchify_roundtrip_and_token_order():
     np.testing.assert_array_equal(tok[0, (1 * 2 + 1) * 3 + 2, 5:10], x[0, 1, 2, 5, :])
     back = dit_lib.unpatchify(tok, (3, 2, 3), (1, 2, 2), 5)
     np.testing.assert_array_equal(back, x)
+
+
+def test_gelu_tanh_linear_backward_equals_autodiff():
+    """``nn.gelu_tanh_linear`` (the FFN's bias + GELU + second matmul, with a hand-written backward
+    that makes the activation and its gradient in one pass) against autodiff of the plain expression.
+    float32: the same function, so value and h / b / w gradients agree within float32 rounding of a
+    few differently ordered sums (rtol 1e-5). bf16 (the GPU compute dtype): its gradients must be at
+    least as close to a float64 reference as autodiff's own bf16 ones are (it takes the derivative in
+    float32 where jax's bf16 GELU rounds each step to bf16). Under the ``dots`` remat policy its
+    output is kept by name, so the second matmul does not run again in the backward."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from wanjax import nn as nn_lib
+
+    rng = np.random.default_rng(11)
+    h64, b64, w64, g64 = (rng.standard_normal(s) * sc for s, sc in
+                          (((2, 37, 96), 1.5), ((96,), 0.5), ((96, 24), 0.1), ((2, 37, 24), 1.0)))
+
+    def plain(h, b, w):
+        return jnp.einsum("...f,fo->...o", jax.nn.gelu(h + b, approximate=True), w)
+
+    def vjp(fn, dt):
+        args = [jnp.asarray(a, dt) for a in (h64, b64, w64)]
+        y, f_vjp = jax.vjp(fn, *args)
+        return [np.asarray(a, np.float64) for a in (y, *f_vjp(jnp.asarray(g64, dt)))]
+
+    for ref, got in zip(vjp(plain, jnp.float32), vjp(nn_lib.gelu_tanh_linear, jnp.float32)):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    with jax.enable_x64():
+        exact = vjp(plain, jnp.float64)
+    err = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731
+    for name, auto, custom, ref in zip(("y", "dh", "db", "dw"), vjp(plain, jnp.bfloat16),
+                                       vjp(nn_lib.gelu_tanh_linear, jnp.bfloat16), exact):
+        assert err(custom, ref) <= 1.1 * err(auto, ref) + 1e-4, (name, err(custom, ref), err(auto, ref))
+        assert err(custom, ref) < 2e-2, name
+
+    def layer(h, b, w):
+        return jnp.sum(jnp.sin(nn_lib.gelu_tanh_linear(h, b, w)))
+
+    args = [jnp.asarray(a, jnp.float32) for a in (h64, b64, w64)]
+    for policy in ("dots", "full"):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            print_saved_residuals(jax.checkpoint(layer, policy=dit_lib.remat_policy(policy)), *args)
+        assert buf.getvalue().count(f"named '{nn_lib.FFN_OUT_NAME}'") == (policy == "dots"), buf.getvalue()

@@ -40,7 +40,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from wanjax import attention as attn_lib
-from wanjax.nn import LayerNorm, Linear, RMSNorm, gelu_exact, gelu_tanh, layer_norm, param
+from wanjax.nn import (FFN_OUT_NAME, LayerNorm, Linear, RMSNorm, gelu_exact, gelu_tanh, gelu_tanh_linear, layer_norm,
+                       param)
 
 F32 = jnp.float32
 
@@ -135,7 +136,8 @@ class WanDiTConfig:
 #                   and the self-attention output as in ``attention``
 REMAT_POLICIES = ("full", "attention", "attention_proj", "dots")
 _SAVED_NAMES = {"attention": ("attn",), "attention_proj": ("attn", "qkv", "attn_proj", "cross_out"),
-                "dots": ("attn",)}  # (plus every matmul output without batch dims, below)
+                "dots": ("attn", FFN_OUT_NAME)}  # (plus every matmul output without batch dims, below; the
+                                                 # FFN's second matmul runs inside a custom_vjp: tagged)
 # With cuDNN, "attn" is replaced by the attention's own residuals: the kernel outputs of the per-block
 # form (``_is_self_attention_kernel``) or the split form's merged output and log-sum-exp (tagged).
 
@@ -443,7 +445,10 @@ class FFN(nnx.Module):
         self.fc2 = Linear(cfg.ffn_dim, cfg.dim, rngs=rngs, axes=("mlp", "embed"), param_dtype=param_dtype)
 
     def __call__(self, x):
-        return self.fc2(gelu_tanh(self.fc1(x)))
+        dt = x.dtype
+        h = jnp.einsum("...i,io->...o", x, self.fc1.kernel[...].astype(dt))  # fc1 without its bias
+        y = gelu_tanh_linear(h, self.fc1.bias[...].astype(dt), self.fc2.kernel[...].astype(dt))
+        return y + self.fc2.bias[...].astype(dt)
 
 
 class Block(nnx.Module):
