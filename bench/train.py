@@ -144,7 +144,7 @@ def run_stage(args) -> dict:
     from wanjax.models.pose import frozen_params
     from wanjax.training.loop import peak_flops_per_device
 
-    mesh = shd.make_mesh(data=1, fsdp=-1)
+    mesh = shd.make_mesh(data=-1, fsdp=1) if args.mesh == "data" else shd.make_mesh(data=1, fsdp=-1)
     n = len(jax.devices())
     t0 = time.perf_counter()
     student, critic, teacher = _models(args, mesh)
@@ -245,7 +245,7 @@ def run_stage(args) -> dict:
             "pose_conv": args.pose_conv, "pose_time_chunk": args.pose_time_chunk, "offload": args.offload,
             "pose_trunk": args.pose_trunk, "remat_dots_layers": args.remat_dots_layers,
             "residual_dtype": args.residual_dtype, "unroll_layers": args.unroll_layers,
-            "mu_dtype": (args.ode_mu_dtype if phase == "ode" else args.dmd_mu_dtype) or "float32",
+            "mesh": args.mesh, "mu_dtype": (args.ode_mu_dtype if phase == "ode" else args.dmd_mu_dtype) or "float32",
             "memory_gib": mem, "determinism": determinism,
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
@@ -291,6 +291,9 @@ def main(argv=None):
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak (0: from the device kind)")
     ap.add_argument("--dmd_mu_dtype", default="bfloat16",
                     help="Adam first-moment dtype of the DMD stages (configs/distill.py: bfloat16; '' = fp32)")
+    ap.add_argument("--mesh", choices=("fsdp", "data"), default="fsdp",
+                    help="how the devices split the step: fsdp (parameters and optimizer state sharded) or data "
+                         "(replicated; gradients all-reduced)")
     ap.add_argument("--ode_mu_dtype", default="",
                     help="Adam first-moment dtype of the ODE stage (configs/distill.py optim.mu_dtype; '' = fp32)")
     ap.add_argument("--remat_policy", default="attention",

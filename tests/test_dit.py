@@ -230,3 +230,33 @@ def test_gelu_tanh_linear_backward_equals_autodiff():
         with contextlib.redirect_stdout(buf):
             print_saved_residuals(jax.checkpoint(layer, policy=dit_lib.remat_policy(policy)), *args)
         assert buf.getvalue().count(f"named '{nn_lib.FFN_OUT_NAME}'") == (policy == "dots"), buf.getvalue()
+
+
+def test_matmul_one_cotangent_equals_the_plain_matmul():
+    """``nn.matmul_one_cotangent`` (the fused q/k/v projection; its backward materialises the
+    concatenated dq/dk/dv once for both GEMMs) is ``x @ w`` with the same gradients: float32, the
+    same products, so within 1e-6 relative. Under ``dots`` its output is kept by name, as the plain
+    matmul's was kept as a dot output."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from wanjax import nn as nn_lib
+
+    rng = np.random.default_rng(12)
+    x, w, g = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 19, 32), (32, 48), (2, 19, 48)))
+    plain = lambda x, w: jnp.einsum("...i,io->...o", x, w)  # noqa: E731
+    # the cotangent arrives as a concatenation, as dq / dk / dv do
+    split = lambda f: lambda x, w: sum(jnp.sum(jnp.sin(p) * s) for p, s in  # noqa: E731
+                                       zip(jnp.split(f(x, w), 3, axis=-1), jnp.split(g, 3, axis=-1)))
+    for ref, got in zip(jax.value_and_grad(split(plain), argnums=(0, 1))(x, w),
+                        jax.value_and_grad(split(nn_lib.matmul_one_cotangent), argnums=(0, 1))(x, w)):
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
+    for policy in ("dots", "full"):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            print_saved_residuals(jax.checkpoint(split(nn_lib.matmul_one_cotangent),
+                                                 policy=dit_lib.remat_policy(policy)), x, w)
+        assert buf.getvalue().count(f"named '{nn_lib.MATMUL_OUT_NAME}'") == (policy == "dots"), buf.getvalue()

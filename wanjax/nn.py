@@ -229,5 +229,34 @@ def _gelu_tanh_linear_bwd(res, dy):
 gelu_tanh_linear.defvjp(_gelu_tanh_linear_fwd, _gelu_tanh_linear_bwd)
 
 
+MATMUL_OUT_NAME = "matmul_out"  # checkpoint name of matmul_one_cotangent's output
+
+
+@jax.custom_vjp
+def matmul_one_cotangent(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` ([..., I], [I, O] -> [..., O]) whose backward materialises the incoming cotangent once
+    for both of its GEMMs (dx and dw). When that cotangent is a concatenation (the fused q/k/v
+    projection's dq, dk, dv), XLA otherwise builds it twice, once per GEMM. Output tagged
+    ``MATMUL_OUT_NAME`` (a remat policy cannot see into a ``custom_vjp``)."""
+    return jnp.einsum("...i,io->...o", x, w)
+
+
+def _matmul_one_cotangent_fwd(x, w):
+    from jax.ad_checkpoint import checkpoint_name
+
+    return checkpoint_name(jnp.einsum("...i,io->...o", x, w), MATMUL_OUT_NAME), (x, w)
+
+
+def _matmul_one_cotangent_bwd(res, dy):
+    x, w = res
+    dy = jax.lax.optimization_barrier(dy)
+    dx = jnp.einsum("...o,io->...i", dy, w)
+    dw = jnp.einsum("...i,...o->io", x, dy, preferred_element_type=jnp.float32)
+    return dx, dw.astype(w.dtype)
+
+
+matmul_one_cotangent.defvjp(_matmul_one_cotangent_fwd, _matmul_one_cotangent_bwd)
+
+
 def gelu_exact(x):
     return jax.nn.gelu(x, approximate=False)
