@@ -16,6 +16,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Axes = tuple[str | None, ...]
 
@@ -177,6 +178,10 @@ def gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
 FFN_OUT_NAME = "ffn_out"  # checkpoint name of gelu_tanh_linear's output (a remat policy may keep it)
 _GELU_C, _GELU_K = math.sqrt(2.0 / math.pi), 0.044715
 
@@ -209,8 +214,6 @@ def gelu_tanh_linear(h: jax.Array, b: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _gelu_tanh_linear_fwd(h, b, w):
-    from jax.ad_checkpoint import checkpoint_name
-
     return checkpoint_name(_gelu_tanh_linear(h, b, w), FFN_OUT_NAME), (h, b, w)
 
 
@@ -242,8 +245,6 @@ def matmul_one_cotangent(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _matmul_one_cotangent_fwd(x, w):
-    from jax.ad_checkpoint import checkpoint_name
-
     return checkpoint_name(jnp.einsum("...i,io->...o", x, w), MATMUL_OUT_NAME), (x, w)
 
 
@@ -256,7 +257,3 @@ def _matmul_one_cotangent_bwd(res, dy):
 
 
 matmul_one_cotangent.defvjp(_matmul_one_cotangent_fwd, _matmul_one_cotangent_bwd)
-
-
-def gelu_exact(x):
-    return jax.nn.gelu(x, approximate=False)
