@@ -447,6 +447,8 @@ class FFN(nnx.Module):
         self.fc2 = Linear(cfg.ffn_dim, cfg.dim, rngs=rngs, axes=("mlp", "embed"), param_dtype=param_dtype)
 
     def __call__(self, x):
+        if type(self.fc1) is not Linear or type(self.fc2) is not Linear:  # wrapped (runtime LoRA): their calls
+            return self.fc2(gelu_tanh(self.fc1(x)))
         dt = x.dtype
         h = jnp.einsum("...i,io->...o", x, self.fc1.kernel[...].astype(dt))  # fc1 without its bias
         y = gelu_tanh_linear(h, self.fc1.bias[...].astype(dt), self.fc2.kernel[...].astype(dt))
